@@ -1,0 +1,51 @@
+"""jheads: Estimator-style heads for JAX, as pure functions.
+
+A head turns a model's logits into a training loss, additive metric
+statistics and predictions. Factories build one head per TensorFlow
+Estimator head; `multi_head` combines named heads into one.
+
+Example:
+  >>> import jax.numpy as jnp, jheads
+  >>> head = jheads.multi_head([
+  ...     jheads.multi_class_head(3, name="species"),
+  ...     jheads.regression_head(name="mass")])
+  >>> logits = jnp.zeros((4, head.logits_dim))
+  >>> labels = {"species": jnp.array([0, 1, 2, 0]), "mass": jnp.ones(4)}
+  >>> stats = head.metric_fn(logits, labels)
+  >>> sorted(jheads.metrics.compute(stats))[:3]
+  ['accuracy/species', 'average_loss/mass', 'average_loss/species']
+"""
+
+from jheads import metrics
+from jheads.base import Head, HeadConfig, LossReduction, checked
+from jheads.binary import binary_classification_head
+from jheads.multi_class import multi_class_head
+from jheads.combinator import MultiHead, multi_head
+from jheads.multi_label import multi_label_head
+from jheads.regression import (
+    logistic_regression_head,
+    poisson_regression_head,
+    regression_head,
+)
+from jheads.vocab import class_names, decode_predictions, encode_labels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Head",
+    "HeadConfig",
+    "LossReduction",
+    "MultiHead",
+    "binary_classification_head",
+    "checked",
+    "class_names",
+    "decode_predictions",
+    "encode_labels",
+    "logistic_regression_head",
+    "metrics",
+    "multi_class_head",
+    "multi_head",
+    "multi_label_head",
+    "poisson_regression_head",
+    "regression_head",
+]

@@ -1,0 +1,711 @@
+"""The head interface, loss reductions and the input checks every head shares.
+
+A head is data: a `Head` NamedTuple of pure functions built by a factory, in
+the manner of `optax.GradientTransformation`. Nothing here holds state.
+
+Two layers of functions live on a head:
+
+* the public contract, `loss_fn`, `metric_fn` and `predict_fn`, which take raw
+  inputs (logits, labels, a features dict) and check them;
+* a `HeadKernel`, the same computations on explicit, already checked inputs.
+  `multi_head` composes heads through the kernel only, which is what lets it
+  evaluate many like heads as one vectorized computation.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import enum
+import functools
+import inspect
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+ArrayLike = jax.typing.ArrayLike
+Features = Mapping[str, Any] | None
+Stats = dict[str, Any]
+
+
+class LossReduction(enum.StrEnum):
+  """How a head reduces its weighted per-element loss `S = sum(w * l)`.
+
+  Plain strings with these values are accepted wherever a reduction is.
+  """
+
+  SUM = "sum"
+  """`S`."""
+  SUM_OVER_BATCH_SIZE = "sum_over_batch_size"
+  """`S` divided by the number of elements of `l` (the default)."""
+  MEAN = "mean"
+  """`S` divided by the sum of the weights broadcast to `l`."""
+  SUM_OVER_NONZERO_WEIGHTS = "sum_over_nonzero_weights"
+  """`S` divided by the count of non-zero weights broadcast to `l`."""
+
+
+def loss_reduction_from(value: str | LossReduction, where: str) -> LossReduction:
+  """Parses a loss reduction, naming `where` in the error."""
+  try:
+    return LossReduction(value)
+  except ValueError:
+    valid = ", ".join(repr(r.value) for r in LossReduction)
+    raise ValueError(
+        f"{where}: invalid loss_reduction {value!r}; expected one of {valid}."
+    ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """The static description of a head, read by vocab, export and multi_head.
+
+  Attributes:
+    kind: the factory that built the head, e.g. ``"binary_classification"``.
+    name: the head's name, or None.
+    logits_dim: size of the last axis of the head's logits.
+    n_classes: number of classes of a classification head, else None.
+    label_vocabulary: class names of a classification head, if given.
+    thresholds: the extra decision thresholds of binary and multi-label heads.
+    loss_reduction: how the training loss is reduced.
+    weight_column: a features key, a callable `features -> weights`, or None.
+  """
+
+  kind: str
+  name: str | None
+  logits_dim: int
+  n_classes: int | None = None
+  label_vocabulary: tuple[str, ...] | None = None
+  thresholds: tuple[float, ...] = ()
+  loss_reduction: LossReduction = LossReduction.SUM_OVER_BATCH_SIZE
+  weight_column: Any = None
+
+  @property
+  def is_classifier(self) -> bool:
+    return self.n_classes is not None
+
+  @property
+  def description(self) -> str:
+    return describe(self.kind, self.name)
+
+
+def describe(kind: str, name: str | None) -> str:
+  """How error messages name a head: `head 'sex'`, or its factory if unnamed."""
+  return f"head {name!r}" if name is not None else f"{kind}_head"
+
+
+class Batch(NamedTuple):
+  """Checked inputs of one head, in compute dtype.
+
+  Attributes:
+    logits: `[D0, ..., DN, logits_dim]`, float32 or wider.
+    labels: processed labels, `[D0, ..., DN, label_dim]` (ids for multi-class).
+    weights: example weights broadcast to the unreduced loss' shape.
+    features: the features dict, only for a custom `loss_fn` that takes it.
+  """
+
+  logits: jax.Array
+  labels: jax.Array
+  weights: jax.Array
+  features: Features = None
+
+
+class LossTerms(NamedTuple):
+  """A reduced loss as `total / denominator`; `denominator=None` means 1.
+
+  Keeping the two apart lets a loss over a batch split across devices be
+  reduced exactly: sum the totals, sum the denominators, then divide.
+  """
+
+  total: jax.Array
+  denominator: jax.Array | None
+
+
+class HeadKernel(NamedTuple):
+  """A head's computations on explicit inputs (no features dict, no key suffix).
+
+  Attributes:
+    get_weights: `features -> weights or None`, per the head's weight column.
+    validate: `(logits, labels, weights) -> None`; raises on bad shapes, dtypes
+      and (when the values are concrete, or under `checked`) bad values.
+    prepare: `(logits, labels, weights) -> Batch`; pure and vmappable.
+    loss_terms: `Batch -> LossTerms`.
+    statistics: `Batch -> Stats`, additive metric statistics, keys unsuffixed.
+    validate_logits: `logits -> None`.
+    predictions: `logits -> dict` of arrays; pure and vmappable.
+    group_key: heads with equal, non-None keys compute identically up to their
+      inputs, so `multi_head` may evaluate them as one vectorized computation.
+  """
+
+  get_weights: Callable[[Features], Any]
+  validate: Callable[..., None]
+  prepare: Callable[..., Batch]
+  loss_terms: Callable[[Batch], LossTerms]
+  statistics: Callable[[Batch], Stats]
+  validate_logits: Callable[[Any], None]
+  predictions: Callable[[Any], dict[str, jax.Array]]
+  group_key: Hashable | None
+
+
+class Head(NamedTuple):
+  """A head spec: what turns a model's logits into a loss, metrics and predictions.
+
+  Attributes:
+    name: the head's name, or None. Inside a multi_head it suffixes metrics.
+    logits_dim: size of the last axis of the logits the head expects.
+    loss_fn: `(logits, labels, features=None, *, axis_name=None) -> scalar`,
+      the reduced training loss. With `axis_name`, the batch is split over
+      that named axis (pmap, shard_map) and the result is this shard's share:
+      its sum over the axis is the loss of the whole batch.
+    metric_fn: `(logits, labels, features=None, *, axis_name=None) -> stats`,
+      additive sufficient statistics: merge batches with `metrics.merge`, and
+      devices with `jax.lax.psum`; `metrics.compute` gives the values.
+    predict_fn: `logits -> dict` of numeric arrays.
+    config: the static description (`HeadConfig`).
+    kernel: the same computations on explicit inputs (`HeadKernel`).
+  """
+
+  name: str | None
+  logits_dim: int
+  loss_fn: Callable[..., jax.Array]
+  metric_fn: Callable[..., Stats]
+  predict_fn: Callable[[Any], dict[str, jax.Array]]
+  config: HeadConfig
+  kernel: HeadKernel
+
+
+# ----------------------------------------------------------------------------
+# Value checks: eager when inputs are concrete, checkify under jit on request.
+
+_VALUE_CHECKS = contextvars.ContextVar("jheads_value_checks", default=False)
+
+
+def checked(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+  """Makes jheads' value checks (label ranges, finite inputs) work under jit.
+
+  Outside `checked`, value checks run only on concrete inputs (eager calls);
+  under `jax.jit` they cannot raise and are left out. `checked(fn)` traces
+  `fn` with the checks on and functionalizes them with
+  `jax.experimental.checkify`, so `fn` can be jitted and still report them.
+
+  Args:
+    fn: any function that calls head functions, e.g. `head.loss_fn`.
+
+  Returns:
+    A function with `fn`'s arguments returning `(error, fn's output)`; call
+    `error.throw()` to raise the first failed check, if any.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jheads
+    >>> head = jheads.binary_classification_head()
+    >>> err, loss = jax.jit(jheads.checked(head.loss_fn))(
+    ...     jnp.zeros((2, 1)), jnp.array([[0.0], [2.0]]))
+    >>> err.get()  # doctest: +ELLIPSIS
+    'binary_classification_head: labels must be in [0, 1]...
+  """
+
+  def fn_with_checks(*args, **kwargs):
+    token = _VALUE_CHECKS.set(True)
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _VALUE_CHECKS.reset(token)
+
+  return checkify.checkify(fn_with_checks, errors=checkify.user_checks)
+
+
+def is_concrete(*values: Any) -> bool:
+  """Whether none of `values` is a tracer, so their values can be read now."""
+  return not any(
+      isinstance(leaf, jax.core.Tracer)
+      for leaf in jax.tree.leaves(values)
+  )
+
+
+def require(
+    ok: Callable[[], ArrayLike],
+    message: str,
+    *operands: Any,
+    detail: Callable[[], str] | None = None,
+) -> None:
+  """Checks a value condition: raises now if `operands` are concrete.
+
+  Args:
+    ok: computes a boolean scalar, true when the values are valid.
+    message: the error message.
+    *operands: the arrays `ok` reads.
+    detail: optionally, eager-only text with the offending values.
+  """
+  if is_concrete(*operands):
+    if not bool(ok()):
+      raise ValueError(f"{message} (got {detail()})" if detail else message)
+  elif _VALUE_CHECKS.get():
+    # checkify treats the message as a format string.
+    checkify.check(ok(), message.replace("{", "{{").replace("}", "}}"))
+
+
+# ----------------------------------------------------------------------------
+# Shape and dtype checks, at construction or trace time.
+
+
+def as_array(value: Any) -> Any:
+  """Leaves jax arrays and tracers alone; turns anything else into numpy."""
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    return value
+  return np.asarray(value)
+
+
+def _is_string(array: Any) -> bool:
+  return isinstance(array, np.ndarray) and array.dtype.kind in "USO"
+
+
+def compute_dtype(dtype: Any) -> Any:
+  """float32, or wider if the input is wider: low precision accumulates in float32."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.promote_types(dtype, jnp.float32)
+  return jnp.dtype(jnp.float32)
+
+
+def check_logits(where: str, logits: Any, logits_dim: int) -> Any:
+  """Checks logits are `[D0, ..., DN, logits_dim]` and numeric; returns them as an array."""
+  if logits is None:
+    raise ValueError(f"{where}: logits are required, got None.")
+  logits = as_array(logits)
+  if _is_string(logits) or not (
+      jnp.issubdtype(logits.dtype, jnp.number) or logits.dtype == bool
+  ):
+    raise ValueError(f"{where}: logits must be numeric, got dtype {logits.dtype}.")
+  if logits.ndim < 2 or logits.shape[-1] != logits_dim:
+    raise ValueError(
+        f"{where}: logits must have shape [D0, ..., DN, {logits_dim}] (rank >= 2,"
+        f" last dimension {logits_dim}), got shape {tuple(logits.shape)}."
+    )
+  return logits
+
+
+def check_labels(
+    where: str,
+    labels: Any,
+    logits_shape: tuple[int, ...],
+    label_dim: int,
+    *,
+    integer: bool = False,
+    has_vocabulary: bool = False,
+) -> Any:
+  """Checks labels match logits (rank one less is allowed and expanded)."""
+  if labels is None:
+    raise ValueError(f"{where}: labels are required, got None.")
+  if isinstance(labels, Mapping):
+    raise ValueError(f"{where}: labels must be an array, got a dict.")
+  labels = as_array(labels)
+  if _is_string(labels):
+    hint = (
+        "map them to ids on the host first with jheads.encode_labels(head, labels)"
+        if has_vocabulary
+        else "string labels need a label_vocabulary"
+    )
+    raise ValueError(f"{where}: labels are strings; {hint}.")
+  if not (jnp.issubdtype(labels.dtype, jnp.number) or labels.dtype == bool):
+    raise ValueError(f"{where}: labels must be numeric, got dtype {labels.dtype}.")
+  if integer and not (
+      jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == bool
+  ):
+    raise ValueError(
+        f"{where}: labels must be integer class ids, got dtype {labels.dtype}."
+    )
+  expected = tuple(logits_shape[:-1]) + (label_dim,)
+  shape = tuple(labels.shape)
+  if shape != expected and shape != expected[:-1]:
+    alternatives = f"{expected}" + (f" or {expected[:-1]}" if label_dim == 1 else "")
+    raise ValueError(
+        f"{where}: labels shape {shape} does not match logits shape"
+        f" {tuple(logits_shape)}; expected {alternatives}."
+    )
+  if shape == expected[:-1] and label_dim != 1:
+    raise ValueError(
+        f"{where}: labels shape {shape} does not match logits shape"
+        f" {tuple(logits_shape)}; expected {expected}."
+    )
+  return labels
+
+
+def fetch_weights(where: str, features: Features, weight_column: Any) -> Any:
+  """Looks up the example weights named by `weight_column` in `features`."""
+  if weight_column is None:
+    return None
+  if callable(weight_column):
+    weights = weight_column(features)
+  else:
+    if features is None or weight_column not in features:
+      present = sorted(features) if features is not None else []
+      raise ValueError(
+          f"{where}: weight_column {weight_column!r} is missing from features"
+          f" (keys: {present})."
+      )
+    weights = features[weight_column]
+  if weights is None:
+    raise ValueError(f"{where}: weights from {weight_column!r} are None.")
+  return weights
+
+
+def check_weights(
+    where: str, weights: Any, logits_shape: tuple[int, ...], *, per_logit: bool
+) -> Any:
+  """Checks weights are `[D0..DN]`, `[D0..DN, 1]` (or `[D0..DN, d]` per logit)."""
+  if weights is None:
+    return None
+  weights = as_array(weights)
+  if _is_string(weights) or not (
+      jnp.issubdtype(weights.dtype, jnp.number) or weights.dtype == bool
+  ):
+    raise ValueError(f"{where}: weights must be numeric, got dtype {weights.dtype}.")
+  batch = tuple(logits_shape[:-1])
+  allowed = [batch, batch + (1,)]
+  if per_logit and logits_shape[-1] != 1:
+    allowed.append(tuple(logits_shape))
+  if tuple(weights.shape) not in allowed:
+    raise ValueError(
+        f"{where}: weights shape {tuple(weights.shape)} does not match logits"
+        f" shape {tuple(logits_shape)}; expected "
+        + " or ".join(str(s) for s in allowed)
+        + "."
+    )
+  return weights
+
+
+def require_finite(where: str, what: str, array: Any) -> None:
+  """Raises (eagerly, or under `checked`) if `array` holds NaN or infinity."""
+  if array is None:
+    return
+  require(
+      lambda: jnp.all(jnp.isfinite(jnp.asarray(array))),
+      f"{where}: {what} must be finite (no NaN or infinity)",
+      array,
+  )
+
+
+def broadcast_weights(weights: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """Example weights broadcast to the unreduced loss' shape (ones if None)."""
+  if weights is None:
+    return jnp.ones(shape, dtype)
+  weights = jnp.asarray(weights, dtype)
+  if weights.ndim == len(shape) - 1:
+    weights = weights[..., None]
+  return jnp.broadcast_to(weights, shape)
+
+
+def expand_labels(labels: Any, rank: int) -> jax.Array:
+  labels = jnp.asarray(labels)
+  return labels[..., None] if labels.ndim == rank - 1 else labels
+
+
+# ----------------------------------------------------------------------------
+# Losses and their reduction.
+
+
+def safe_divide(numerator: ArrayLike, denominator: ArrayLike) -> jax.Array:
+  """`numerator / denominator`, and 0 where the denominator is 0 (gradient-safe)."""
+  denominator = jnp.asarray(denominator)
+  is_zero = denominator == 0
+  return jnp.where(is_zero, 0.0, numerator / jnp.where(is_zero, 1.0, denominator))
+
+
+def loss_terms(
+    losses: jax.Array, weights: jax.Array, reduction: LossReduction
+) -> LossTerms:
+  """The weighted sum of `losses` and the denominator its reduction divides by.
+
+  Args:
+    losses: unreduced losses, `[D0, ..., DN, k]`.
+    weights: example weights broadcast to `losses`' shape.
+    reduction: the head's loss reduction.
+  """
+  total = jnp.sum(weights * losses)
+  if reduction == LossReduction.SUM:
+    return LossTerms(total, None)
+  if reduction == LossReduction.SUM_OVER_BATCH_SIZE:
+    denominator = jnp.asarray(losses.size, total.dtype)
+  elif reduction == LossReduction.MEAN:
+    denominator = jnp.sum(weights)
+  else:
+    denominator = jnp.sum((weights != 0).astype(total.dtype))
+  return LossTerms(total, denominator)
+
+
+def reduce_loss(terms: LossTerms, axis_name: Any = None) -> jax.Array:
+  """Divides out a loss; with `axis_name`, by the denominator of the whole batch."""
+  if terms.denominator is None:
+    return terms.total
+  denominator = jax.lax.stop_gradient(terms.denominator)
+  if axis_name is not None:
+    denominator = jax.lax.psum(denominator, axis_name)
+  return safe_divide(terms.total, denominator)
+
+
+def validate_loss_fn(where: str, loss_fn: Callable[..., Any] | None) -> bool:
+  """Checks a custom `loss_fn(labels, logits[, features])`; returns whether it takes features."""
+  if loss_fn is None:
+    return False
+  if not callable(loss_fn):
+    raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}.")
+  parameters = inspect.signature(loss_fn).parameters
+  takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+  names = {
+      n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+  }
+  for required_name in ("labels", "logits"):
+    if required_name not in names and not takes_kwargs:
+      raise ValueError(
+          f"{where}: loss_fn must take an argument named {required_name!r};"
+          f" it takes {sorted(names)}."
+      )
+  unexpected = names - {"labels", "logits", "features"}
+  if unexpected:
+    raise ValueError(
+        f"{where}: loss_fn has unexpected arguments {sorted(unexpected)};"
+        " allowed are labels, logits and features."
+    )
+  return "features" in names or takes_kwargs
+
+
+def call_loss_fn(
+    where: str,
+    loss_fn: Callable[..., Any],
+    takes_features: bool,
+    batch: Batch,
+    loss_dim: int,
+) -> jax.Array:
+  """Calls a custom unreduced loss and checks it is `[D0, ..., DN, loss_dim]`."""
+  kwargs = {"features": batch.features} if takes_features else {}
+  losses = jnp.asarray(loss_fn(labels=batch.labels, logits=batch.logits, **kwargs))
+  expected = tuple(batch.logits.shape[:-1]) + (loss_dim,)
+  if tuple(losses.shape) != expected:
+    raise ValueError(
+        f"{where}: loss_fn must return the unreduced loss of shape {expected}"
+        f" ([D0, ..., DN, {loss_dim}]), got shape {tuple(losses.shape)}."
+    )
+  return losses.astype(batch.logits.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Factory helpers.
+
+
+def check_name(name: Any, kind: str) -> str | None:
+  if name is None:
+    return None
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{kind}_head: name must be a non-empty string or None, got {name!r}.")
+  return name
+
+
+def check_vocabulary(
+    where: str, label_vocabulary: Any, n_classes: int
+) -> tuple[str, ...] | None:
+  """Validates a label vocabulary: a list or tuple of n_classes distinct strings."""
+  if label_vocabulary is None:
+    return None
+  if not isinstance(label_vocabulary, (list, tuple)):
+    raise ValueError(
+        f"{where}: label_vocabulary must be a list or tuple of strings, got"
+        f" {type(label_vocabulary).__name__}."
+    )
+  if len(label_vocabulary) != n_classes:
+    raise ValueError(
+        f"{where}: label_vocabulary has {len(label_vocabulary)} entries but"
+        f" n_classes is {n_classes}."
+    )
+  if not all(isinstance(v, str) for v in label_vocabulary):
+    raise ValueError(f"{where}: label_vocabulary entries must be strings.")
+  if len(set(label_vocabulary)) != len(label_vocabulary):
+    raise ValueError(f"{where}: label_vocabulary has duplicate entries.")
+  return tuple(label_vocabulary)
+
+
+def check_thresholds(where: str, thresholds: Any) -> tuple[float, ...]:
+  """Validates extra decision thresholds: floats strictly inside (0, 1)."""
+  if thresholds is None:
+    return ()
+  values = tuple(float(t) for t in thresholds)
+  for t in values:
+    if not 0.0 < t < 1.0:
+      raise ValueError(f"{where}: thresholds must be in (0, 1), got {t}.")
+  return values
+
+
+def check_num_thresholds(where: str, num_thresholds: Any) -> int:
+  if not isinstance(num_thresholds, int) or num_thresholds < 2:
+    raise ValueError(f"{where}: num_thresholds must be an int >= 2, got {num_thresholds!r}.")
+  return num_thresholds
+
+
+def suffix_keys(stats: Stats, name: str | None) -> Stats:
+  """Appends `/<name>` to every metric key, as a named head reports them."""
+  if name is None:
+    return dict(stats)
+  return {f"{key}/{name}": value for key, value in stats.items()}
+
+
+def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
+  """Builds the public functions of a head from its kernel."""
+
+  def loss_fn(logits, labels, features=None, *, axis_name=None):
+    weights = kernel.get_weights(features)
+    kernel.validate(logits, labels, weights)
+    batch = kernel.prepare(logits, labels, weights)._replace(features=features)
+    return reduce_loss(kernel.loss_terms(batch), axis_name)
+
+  def metric_fn(logits, labels, features=None, *, axis_name=None):
+    del axis_name  # A single head's statistics are already additive shares.
+    weights = kernel.get_weights(features)
+    kernel.validate(logits, labels, weights)
+    batch = kernel.prepare(logits, labels, weights)._replace(features=features)
+    return suffix_keys(kernel.statistics(batch), config.name)
+
+  def predict_fn(logits):
+    kernel.validate_logits(logits)
+    return kernel.predictions(logits)
+
+  return Head(
+      name=config.name,
+      logits_dim=config.logits_dim,
+      loss_fn=loss_fn,
+      metric_fn=metric_fn,
+      predict_fn=predict_fn,
+      config=config,
+      kernel=kernel,
+  )
+
+
+class LabelRule(NamedTuple):
+  """How a head family checks and converts its labels.
+
+  Attributes:
+    integer: labels must have an integer (or bool) dtype.
+    ok: `labels -> bool scalar`, true when every label value is valid.
+    message: what valid labels are, for the error.
+    convert: `(labels, dtype) -> processed labels`.
+  """
+
+  integer: bool
+  ok: Callable[[jax.Array], jax.Array] | None
+  message: str
+  convert: Callable[[jax.Array, Any], jax.Array]
+
+
+def standard_kernel(
+    config: HeadConfig,
+    *,
+    label_dim: int,
+    loss_dim: int,
+    per_logit_weights: bool,
+    label_rule: LabelRule,
+    unreduced_loss: Callable[[Batch], jax.Array],
+    statistics: Callable[[Batch, jax.Array], Stats],
+    predictions: Callable[[jax.Array], dict[str, jax.Array]],
+    custom_loss_fn: Callable[..., Any] | None = None,
+    static_options: Hashable = (),
+    logits_check: Callable[[str, Any], None] | None = None,
+) -> HeadKernel:
+  """The kernel of every built-in head: shared checks around family-specific math.
+
+  Args:
+    config: the head's static description.
+    label_dim: last dimension of the labels.
+    loss_dim: last dimension of the unreduced loss.
+    per_logit_weights: whether weights may be `[D0..DN, logits_dim]`.
+    label_rule: the family's label checks and conversion.
+    unreduced_loss: `Batch -> [D0..DN, loss_dim]` loss, used without a custom loss.
+    statistics: `(Batch, unreduced loss) -> Stats`.
+    predictions: `logits in compute dtype -> dict`.
+    custom_loss_fn: a user `loss_fn(labels, logits[, features])`, or None.
+    static_options: further static options that set the computation.
+    logits_check: optional family-specific value check on logits.
+  """
+  where = config.description
+  takes_features = validate_loss_fn(where, custom_loss_fn)
+
+  def get_weights(features):
+    return fetch_weights(where, features, config.weight_column)
+
+  def validate_logits(logits):
+    logits = check_logits(where, logits, config.logits_dim)
+    require_finite(where, "logits", logits)
+    if logits_check is not None:
+      logits_check(where, logits)
+
+  def validate(logits, labels, weights):
+    validate_logits(logits)
+    logits_shape = tuple(np.shape(logits))
+    labels = check_labels(
+        where,
+        labels,
+        logits_shape,
+        label_dim,
+        integer=label_rule.integer,
+        has_vocabulary=config.label_vocabulary is not None,
+    )
+    weights = check_weights(where, weights, logits_shape, per_logit=per_logit_weights)
+    if label_rule.ok is not None:
+      require(
+          lambda: label_rule.ok(jnp.asarray(labels)),
+          f"{where}: labels must be {label_rule.message}",
+          labels,
+          detail=lambda: _describe_values(labels),
+      )
+    require_finite(where, "weights", weights)
+
+  def prepare(logits, labels, weights):
+    logits = jnp.asarray(logits)
+    logits = logits.astype(compute_dtype(logits.dtype))
+    labels = label_rule.convert(expand_labels(labels, logits.ndim), logits.dtype)
+    loss_shape = tuple(logits.shape[:-1]) + (loss_dim,)
+    return Batch(logits, labels, broadcast_weights(weights, loss_shape, logits.dtype))
+
+  if custom_loss_fn is None:
+    compute_loss = unreduced_loss
+  else:
+    compute_loss = functools.partial(
+        call_loss_fn, where, custom_loss_fn, takes_features, loss_dim=loss_dim
+    )
+
+  def kernel_loss_terms(batch):
+    return loss_terms(compute_loss(batch), batch.weights, config.loss_reduction)
+
+  def kernel_statistics(batch):
+    return statistics(batch, compute_loss(batch))
+
+  def kernel_predictions(logits):
+    logits = jnp.asarray(logits)
+    return predictions(logits.astype(compute_dtype(logits.dtype)))
+
+  group_key = None
+  if custom_loss_fn is None:
+    group_key = (
+        config.kind,
+        config.logits_dim,
+        config.thresholds,
+        config.loss_reduction,
+        static_options,
+    )
+  return HeadKernel(
+      get_weights=get_weights,
+      validate=validate,
+      prepare=prepare,
+      loss_terms=kernel_loss_terms,
+      statistics=kernel_statistics,
+      validate_logits=validate_logits,
+      predictions=kernel_predictions,
+      group_key=group_key,
+  )
+
+
+def _describe_values(labels: Any) -> str:
+  values = np.unique(np.asarray(labels))
+  shown = ", ".join(f"{v:g}" if np.issubdtype(values.dtype, np.number) else str(v)
+                    for v in values[:8])
+  more = ", ..." if values.size > 8 else ""
+  return f"values {{{shown}{more}}}"

@@ -1,0 +1,336 @@
+"""The combinator: several named heads trained as one, on one set of logits.
+
+`multi_head` talks to its heads through their `HeadKernel` only. Heads whose
+kernels share a `group_key` (same kind and static configuration) and whose
+inputs share shapes and dtypes are evaluated as one vectorized computation:
+their logits, labels and weights are stacked on a new leading axis and the
+kernel is `jax.vmap`-ed over it. A model with a hundred binary heads thus
+computes one `[100, batch, 1]` loss instead of a hundred small ones, which XLA
+does not merge by itself.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jheads import base
+from jheads import metrics
+
+_WHERE = "multi_head"
+
+
+class MultiHead(NamedTuple):
+  """A head spec combining named heads; built by `multi_head`.
+
+  Attributes:
+    name: the heads' names joined with `_`.
+    logits_dim: the sum of the heads' logits dims.
+    loss_fn: `(logits, labels, features=None, *, head_weights=None,
+      axis_name=None) -> scalar`: `sum_i head_weight_i * loss_i`.
+      `head_weights` overrides the weights given at construction; it may be
+      a traced array, so weights can change between steps without
+      recompiling. `axis_name` as for `Head.loss_fn`.
+    metric_fn: `(logits, labels, features=None, *, axis_name=None) -> stats`;
+      each head's statistics under `<metric>/<head>` keys, plus
+      `loss/<head>`, the mean over batches of each head's reduced loss.
+    predict_fn: `logits -> dict` keyed by `(head_name, prediction_key)`.
+    heads: the component heads (nested multi_heads flattened).
+    head_weights: the default head weights.
+    head_losses_fn: `(logits, labels, features=None, *, axis_name=None) ->
+      dict[head_name, scalar]`, each head's unweighted reduced loss.
+  """
+
+  name: str
+  logits_dim: int
+  loss_fn: Callable[..., jax.Array]
+  metric_fn: Callable[..., base.Stats]
+  predict_fn: Callable[[Any], dict[tuple[str, str], jax.Array]]
+  heads: tuple[base.Head, ...]
+  head_weights: tuple[float, ...]
+  head_losses_fn: Callable[..., dict[str, jax.Array]]
+
+
+def multi_head(
+    heads: Sequence[base.Head | MultiHead],
+    head_weights: Sequence[float] | None = None,
+    *,
+    vectorize: bool = True,
+) -> MultiHead:
+  """Combines named heads into one head spec (TF's `MultiHead`).
+
+  Logits come either as a dict keyed by head name, or as one array whose
+  last axis is split, in head order, into slices of each head's `logits_dim`.
+  Labels always come as a dict keyed by head name; `features` is shared.
+
+  The training loss is `sum_i head_weights[i] * loss_i` (weights default
+  to 1). Metrics are each head's, with keys `<metric>/<head>`, plus
+  `loss/<head>`: the mean over evaluated batches of each head's reduced
+  training loss, not multiplied by its head weight.
+
+  A multi_head may contain multi_heads: they are flattened into their heads,
+  their head weights multiplied by the outer weight. Predictions, labels and
+  dict logits are then keyed by the inner heads' names.
+
+  Differences from TensorFlow: duplicate head names are rejected (TF silently
+  let one head's metrics overwrite the other's), and the logits split error
+  states the expected and actual sizes the right way round.
+
+  Args:
+    heads: named heads (or multi_heads).
+    head_weights: one float per head, or None for all ones.
+    vectorize: evaluate like heads as one vectorized computation. Results
+      are identical either way; turn it off only to compare or debug.
+
+  Returns:
+    A `MultiHead`.
+
+  Example:
+    >>> import jax.numpy as jnp, jheads
+    >>> head = jheads.multi_head(
+    ...     [jheads.binary_classification_head(name="click"),
+    ...      jheads.regression_head(name="dwell")],
+    ...     head_weights=[1.0, 0.5])
+    >>> logits = jnp.array([[0.0, 1.0], [0.0, 3.0]])  # click | dwell
+    >>> labels = {"click": jnp.array([1, 0]), "dwell": jnp.array([1.0, 1.0])}
+    >>> round(float(head.loss_fn(logits, labels)), 4)  # 0.6931 + 0.5 * 2
+    1.6931
+    >>> sorted(head.predict_fn(logits))[:2]
+    [('click', 'all_class_ids'), ('click', 'class_ids')]
+  """
+  heads, head_weights = _flatten(heads, head_weights)
+  names = tuple(head.name for head in heads)
+  dims = tuple(head.logits_dim for head in heads)
+  offsets = tuple(int(x) for x in np.cumsum((0,) + dims))
+  total_dim = offsets[-1]
+
+  def split_logits(logits: Any) -> list[Any]:
+    if isinstance(logits, Mapping):
+      missing = [n for n in names if n not in logits]
+      if missing:
+        raise ValueError(
+            f"{_WHERE}: logits dict has no entry for head(s) {missing}; it has"
+            f" {sorted(logits)}."
+        )
+      return [logits[n] for n in names]
+    logits = base.as_array(logits)
+    if logits.ndim < 2 or logits.shape[-1] != total_dim:
+      raise ValueError(
+          f"{_WHERE}: cannot split logits of shape {tuple(logits.shape)} among"
+          f" heads {list(names)} with logits dims {list(dims)}: the last"
+          f" dimension must be {total_dim} (their sum), got"
+          f" {logits.shape[-1] if logits.ndim else 'a scalar'}."
+      )
+    return [logits[..., offsets[i] : offsets[i + 1]] for i in range(len(names))]
+
+  def split_labels(labels: Any) -> list[Any]:
+    if not isinstance(labels, Mapping):
+      raise ValueError(
+          f"{_WHERE}: labels must be a dict keyed by head name, got"
+          f" {type(labels).__name__}."
+      )
+    missing = [n for n in names if n not in labels]
+    if missing:
+      raise ValueError(
+          f"{_WHERE}: labels dict has no entry for head(s) {missing}; it has"
+          f" {sorted(labels)}."
+      )
+    return [labels[n] for n in names]
+
+  def checked_inputs(logits, labels, features):
+    per_head_logits = split_logits(logits)
+    per_head_labels = split_labels(labels)
+    per_head_weights = [h.kernel.get_weights(features) for h in heads]
+    for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
+      head.kernel.validate(lo, la, w)
+    return list(zip(per_head_logits, per_head_labels, per_head_weights))
+
+  def evaluate(
+      inputs: list[tuple[Any, ...]],
+      features: Any,
+      kernel_fn: Callable[[base.HeadKernel, base.Batch], Any],
+  ) -> list[tuple[np.ndarray, Any]]:
+    """Runs `kernel_fn` on every head; returns (head indices, stacked outputs) per group."""
+    results = []
+    for indices in _groups(heads, inputs, vectorize):
+      kernel = heads[indices[0]].kernel
+      if len(indices) == 1:
+        batch = kernel.prepare(*inputs[indices[0]])._replace(features=features)
+        out = jax.tree.map(lambda x: x[None], kernel_fn(kernel, batch))
+      else:
+        stacked = [
+            _stack([inputs[i][part] for i in indices]) for part in range(3)
+        ]
+        out = jax.vmap(lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)))(*stacked)
+      results.append((np.asarray(indices), out))
+    return results
+
+  def grouped_losses(logits, labels, features, axis_name):
+    inputs = checked_inputs(logits, labels, features)
+    return [
+        (indices, base.reduce_loss(terms, axis_name))
+        for indices, terms in evaluate(
+            inputs, features, lambda kernel, batch: kernel.loss_terms(batch)
+        )
+    ]
+
+  def head_losses_fn(logits, labels, features=None, *, axis_name=None):
+    losses = {}
+    for indices, group_losses in grouped_losses(logits, labels, features, axis_name):
+      for j, i in enumerate(indices):
+        losses[names[i]] = group_losses[j]
+    return {n: losses[n] for n in names}
+
+  def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
+    weights = _weights_vector(head_weights, default_weights, len(heads))
+    total = 0.0
+    for indices, group_losses in grouped_losses(logits, labels, features, axis_name):
+      total = total + jnp.dot(weights[indices], group_losses)
+    return total
+
+  def metric_fn(logits, labels, features=None, *, axis_name=None):
+    inputs = checked_inputs(logits, labels, features)
+
+    def losses_and_statistics(kernel, batch):
+      return kernel.loss_terms(batch), kernel.statistics(batch)
+
+    # One batch counts once however many shards it is split over.
+    count = 1.0 if axis_name is None else 1.0 / jax.lax.psum(1, axis_name)
+    loss_stats, head_stats = {}, {}
+    for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics):
+      group_losses = base.reduce_loss(terms, axis_name)
+      for j, i in enumerate(indices):
+        loss_stats[f"loss/{names[i]}"] = metrics.Ratio(
+            group_losses[j], jnp.asarray(count, group_losses.dtype)
+        )
+        head_stats[i] = base.suffix_keys(
+            jax.tree.map(lambda x, j=j: x[j], stats), names[i]
+        )
+    merged = {f"loss/{n}": loss_stats[f"loss/{n}"] for n in names}
+    for i in range(len(heads)):
+      merged.update(head_stats[i])
+    return merged
+
+  def predict_fn(logits):
+    per_head_logits = split_logits(logits)
+    for head, lo in zip(heads, per_head_logits):
+      head.kernel.validate_logits(lo)
+    per_head: list[dict[str, jax.Array]] = [{} for _ in heads]
+    for indices in _groups(heads, [(lo, None, None) for lo in per_head_logits], vectorize):
+      kernel = heads[indices[0]].kernel
+      if len(indices) == 1:
+        per_head[indices[0]] = kernel.predictions(per_head_logits[indices[0]])
+        continue
+      out = jax.vmap(kernel.predictions)(_stack([per_head_logits[i] for i in indices]))
+      for j, i in enumerate(indices):
+        per_head[i] = {key: value[j] for key, value in out.items()}
+    return {
+        (names[i], key): value
+        for i in range(len(heads))
+        for key, value in per_head[i].items()
+    }
+
+  default_weights = head_weights
+  return MultiHead(
+      name="_".join(names),
+      logits_dim=total_dim,
+      loss_fn=loss_fn,
+      metric_fn=metric_fn,
+      predict_fn=predict_fn,
+      heads=heads,
+      head_weights=head_weights,
+      head_losses_fn=head_losses_fn,
+  )
+
+
+def _flatten(
+    heads: Any, head_weights: Any
+) -> tuple[tuple[base.Head, ...], tuple[float, ...]]:
+  """Validates heads and weights; flattens nested multi_heads."""
+  if isinstance(heads, (base.Head, MultiHead)) or not isinstance(heads, Sequence):
+    raise ValueError(f"{_WHERE}: heads must be a list or tuple of heads, got {type(heads).__name__}.")
+  if not heads:
+    raise ValueError(f"{_WHERE}: heads must not be empty.")
+  if head_weights is None:
+    head_weights = [1.0] * len(heads)
+  else:
+    if isinstance(head_weights, (str, bytes)) or not hasattr(head_weights, "__len__"):
+      raise ValueError(f"{_WHERE}: head_weights must be a list of floats, got {head_weights!r}.")
+    if len(head_weights) != len(heads):
+      raise ValueError(
+          f"{_WHERE}: heads and head_weights must have the same length; got"
+          f" {len(heads)} heads and {len(head_weights)} head_weights."
+      )
+    try:
+      head_weights = [float(w) for w in head_weights]
+    except (TypeError, ValueError):
+      raise ValueError(f"{_WHERE}: head_weights must be numbers, got {head_weights!r}.") from None
+  flat_heads, flat_weights = [], []
+  for position, (head, weight) in enumerate(zip(heads, head_weights)):
+    if isinstance(head, MultiHead):
+      flat_heads.extend(head.heads)
+      flat_weights.extend(weight * w for w in head.head_weights)
+    elif isinstance(head, base.Head):
+      if head.name is None:
+        raise ValueError(
+            f"{_WHERE}: every head needs a name; the {head.config.kind} head at"
+            f" position {position} has none (pass name=...)."
+        )
+      flat_heads.append(head)
+      flat_weights.append(weight)
+    else:
+      raise ValueError(
+          f"{_WHERE}: heads must be jheads heads; got {type(head).__name__} at"
+          f" position {position}."
+      )
+  counts = collections.Counter(h.name for h in flat_heads)
+  duplicates = sorted(n for n, c in counts.items() if c > 1)
+  if duplicates:
+    raise ValueError(f"{_WHERE}: head names must be unique; duplicated: {duplicates}.")
+  return tuple(flat_heads), tuple(flat_weights)
+
+
+def _weights_vector(head_weights: Any, default: tuple[float, ...], n: int) -> Any:
+  if head_weights is None:
+    return np.asarray(default, np.float32)
+  weights = jnp.asarray(head_weights)
+  if weights.shape != (n,):
+    raise ValueError(
+        f"{_WHERE}: head_weights must have shape ({n},), one per head; got"
+        f" shape {weights.shape}."
+    )
+  return weights
+
+
+def _signature(value: Any) -> Any:
+  if value is None:
+    return None
+  return (tuple(np.shape(value)), jnp.result_type(value))
+
+
+def _groups(
+    heads: tuple[base.Head, ...], inputs: list[tuple[Any, ...]], vectorize: bool
+) -> list[list[int]]:
+  """Head indices grouped by kernel group key and input shapes, in head order."""
+  groups: dict[Any, list[int]] = {}
+  for i, (head, head_inputs) in enumerate(zip(heads, inputs)):
+    key = head.kernel.group_key
+    if not vectorize or key is None:
+      key = ("alone", i)
+    else:
+      key = (key, tuple(_signature(x) for x in head_inputs))
+    groups.setdefault(key, []).append(i)
+  return list(groups.values())
+
+
+def _stack(values: list[Any]) -> Any:
+  if values[0] is None:
+    return None
+  return jnp.stack([jnp.asarray(v) for v in values])
+
+

@@ -1,0 +1,282 @@
+"""Metrics as additive sufficient statistics.
+
+Every Estimator metric is a ratio of weighted sums: a weighted mean is
+(sum of w * x, sum of w); accuracy, precision and recall are ratios of
+confusion counts; an AUC is read off weighted label counts per threshold
+bucket. A head's `metric_fn` returns a flat dict of such statistics, so:
+
+* two batches merge with `merge`, a sum of every leaf;
+* devices merge with `jax.lax.psum`, or with nothing at all under sharded jit;
+* `compute` is the only place that divides.
+
+Each statistic type carries its finalizing rule (which ratio, which AUC
+summation) as static pytree metadata, so `compute` needs nothing but the stats.
+
+Example:
+  >>> import jax.numpy as jnp, jheads
+  >>> head = jheads.binary_classification_head()
+  >>> logits, labels = jnp.array([[2.0], [-1.0]]), jnp.array([[1.0], [1.0]])
+  >>> first = head.metric_fn(logits[:1], labels[:1])
+  >>> second = head.metric_fn(logits[1:], labels[1:])
+  >>> float(jheads.metrics.compute(jheads.metrics.merge(first, second))["accuracy"])
+  0.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jheads import base
+
+ArrayLike = jax.typing.ArrayLike
+
+DEFAULT_NUM_THRESHOLDS = 200
+"""Number of AUC thresholds, as in TF 2's `tf.keras.metrics.AUC`."""
+
+INTERPOLATION = "interpolation"
+TRAPEZOIDAL = "trapezoidal"
+SUMMATION_METHODS = (INTERPOLATION, TRAPEZOIDAL)
+
+# TF 1's tf.metrics.auc adds this to its precision and recall ratios.
+_TF1_EPSILON = 1e-7
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+  """`numerator / denominator`, 0 when the denominator is 0.
+
+  Weighted means (average loss, label and prediction means), accuracies,
+  precision and recall are all ratios of weighted sums.
+  """
+
+  numerator: jax.Array
+  denominator: jax.Array
+
+  def result(self) -> jax.Array:
+    return base.safe_divide(self.numerator, self.denominator)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """Accuracy of always predicting the majority class: `max(m, 1 - m)`.
+
+  `m = label_sum / weight_sum` is the weighted mean of binary labels.
+  """
+
+  label_sum: jax.Array
+  weight_sum: jax.Array
+
+  def result(self) -> jax.Array:
+    mean = base.safe_divide(self.label_sum, self.weight_sum)
+    return jnp.where(self.weight_sum == 0, 0.0, jnp.maximum(mean, 1.0 - mean))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AUC:
+  """Area under the ROC or precision-recall curve, from bucketed label weights.
+
+  Thresholds are `[0 - eps, 1/(T-1), ..., (T-2)/(T-1), 1 + eps]` and a
+  prediction is positive at a threshold when it exceeds it.
+  `positives[i]` and `negatives[i]` hold the weight of positive and negative
+  labels whose prediction is positive at threshold i but not at i + 1, so
+  reverse cumulative sums give the confusion counts at every threshold.
+
+  Attributes:
+    positives: `[T]` weighted positive labels per bucket.
+    negatives: `[T]` weighted negative labels per bucket.
+    curve: ``"ROC"`` or ``"PR"``.
+    summation_method: ``"interpolation"`` (TF 2 and Keras: trapezoids for
+      ROC, Davis-Goadrich interpolation for PR) or ``"trapezoidal"`` (TF 1:
+      trapezoids over epsilon-smoothed precision and recall for PR).
+  """
+
+  positives: jax.Array
+  negatives: jax.Array
+  curve: str = dataclasses.field(default="ROC", metadata=dict(static=True))
+  summation_method: str = dataclasses.field(
+      default=INTERPOLATION, metadata=dict(static=True)
+  )
+
+  def confusion(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """True/false positives and negatives at each threshold."""
+    tp = jax.lax.cumsum(self.positives, axis=self.positives.ndim - 1, reverse=True)
+    fp = jax.lax.cumsum(self.negatives, axis=self.negatives.ndim - 1, reverse=True)
+    fn = tp[..., :1] - tp
+    tn = fp[..., :1] - fp
+    return tp, fp, tn, fn
+
+  def result(self) -> jax.Array:
+    tp, fp, tn, fn = self.confusion()
+    if self.curve == "ROC":
+      x = base.safe_divide(fp, fp + tn)
+      y = base.safe_divide(tp, tp + fn)
+    elif self.summation_method == INTERPOLATION:
+      return _interpolated_pr_auc(tp, fp, fn)
+    else:
+      x = (tp + _TF1_EPSILON) / (tp + fn + _TF1_EPSILON)
+      y = (tp + _TF1_EPSILON) / (tp + fp + _TF1_EPSILON)
+    heights = (y[..., :-1] + y[..., 1:]) / 2.0
+    return jnp.sum((x[..., :-1] - x[..., 1:]) * heights, axis=-1)
+
+
+def _interpolated_pr_auc(tp: jax.Array, fp: jax.Array, fn: jax.Array) -> jax.Array:
+  """Davis & Goadrich (2006) interpolation of the PR curve between thresholds.
+
+  Within a bucket, precision is taken to vary as the number of predicted
+  positives P varies linearly; the area integrates that exactly.
+  """
+  dtp = tp[..., :-1] - tp[..., 1:]
+  p = tp + fp
+  dp = p[..., :-1] - p[..., 1:]
+  slope = base.safe_divide(dtp, jnp.maximum(dp, 0))
+  intercept = tp[..., 1:] - slope * p[..., 1:]
+  both_positive = (p[..., :-1] > 0) & (p[..., 1:] > 0)
+  p_ratio = jnp.where(
+      both_positive, base.safe_divide(p[..., :-1], jnp.maximum(p[..., 1:], 0)), 1.0
+  )
+  increments = base.safe_divide(
+      slope * (dtp + intercept * jnp.log(p_ratio)),
+      jnp.maximum(tp[..., 1:] + fn[..., 1:], 0),
+  )
+  return jnp.sum(increments, axis=-1)
+
+
+def merge(a: Any, b: Any) -> Any:
+  """Merges two stats pytrees of the same structure: a sum of every leaf.
+
+  This is also what `jax.lax.psum` of stats across devices computes.
+  """
+  return jax.tree.map(operator.add, a, b)
+
+
+def compute(stats: dict[str, Any]) -> dict[str, jax.Array]:
+  """Final metric values from a flat dict of statistics, keys unchanged."""
+  return {key: stat.result() for key, stat in stats.items()}
+
+
+# ----------------------------------------------------------------------------
+# Building statistics from a batch.
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> Ratio:
+  """`sum(w * values) / sum(w)`, the weights broadcast to `values`."""
+  weights = jnp.broadcast_to(weights, values.shape)
+  return Ratio(jnp.sum(weights * values), jnp.sum(weights))
+
+
+def binary_decisions(
+    predicted: jax.Array, labels: jax.Array, weights: jax.Array
+) -> dict[str, Ratio]:
+  """Accuracy, precision and recall of boolean predictions.
+
+  Args:
+    predicted: boolean predictions.
+    labels: labels in [0, 1]; non-zero is positive for precision and recall,
+      while accuracy requires an exact match (a soft 0.8 never matches 1).
+    weights: example weights broadcast to `predicted`.
+  """
+  predicted_float = predicted.astype(weights.dtype)
+  positive = (labels != 0).astype(weights.dtype)
+  true_positives = jnp.sum(weights * predicted_float * positive)
+  return {
+      "accuracy": weighted_mean((labels == predicted_float).astype(weights.dtype), weights),
+      "precision": Ratio(true_positives, jnp.sum(weights * predicted_float)),
+      "recall": Ratio(true_positives, jnp.sum(weights * positive)),
+  }
+
+
+def threshold_key(metric: str, threshold: float) -> str:
+  """`accuracy/positive_threshold_0.5`: the threshold printed with `%g`."""
+  return f"{metric}/positive_threshold_{threshold:g}"
+
+
+def at_thresholds(
+    probabilities: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    thresholds: tuple[float, ...],
+) -> dict[str, Ratio]:
+  """Accuracy, precision and recall of `probabilities > t` for each threshold."""
+  stats = {}
+  for threshold in thresholds:
+    decisions = binary_decisions(probabilities > threshold, labels, weights)
+    for metric, ratio in decisions.items():
+      stats[threshold_key(metric, threshold)] = ratio
+  return stats
+
+
+def _replicated_out_sharding(index: jax.Array) -> Any:
+  """Explicit-axis sharding cannot infer where a scatter's result lives; say replicated."""
+  spec = getattr(jax.typeof(index).sharding, "spec", ())
+  if any(axis is not None for axis in spec):
+    return jax.sharding.PartitionSpec()
+  return None
+
+
+def auc_histogram(
+    predictions: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    *,
+    num_thresholds: int,
+    per_column: bool = False,
+) -> jax.Array:
+  """Weighted positive and negative labels per threshold bucket, in O(N + T).
+
+  A prediction `p` falls in bucket `max(ceil(p * (T - 1)) - 1, 0)`: the
+  thresholds it exceeds are exactly those up to its bucket. One scatter-add
+  builds the histogram; no `[N, T]` comparison is ever formed.
+
+  Args:
+    predictions: probabilities, any shape (clipped to [0, 1]).
+    labels: same shape; non-zero is positive.
+    weights: same shape.
+    num_thresholds: T.
+    per_column: keep the last axis apart (one histogram per class).
+
+  Returns:
+    `[2, T]` (positives, negatives), or `[n, 2, T]` with `per_column`.
+  """
+  t = num_thresholds
+  scaled = jnp.clip(predictions, 0.0, 1.0) * (t - 1)
+  bucket = jnp.maximum(jnp.ceil(scaled) - 1, 0).astype(jnp.int32)
+  index = bucket + t * (labels == 0).astype(jnp.int32)
+  size = 2 * t
+  if per_column:
+    n = predictions.shape[-1]
+    index = index + size * jnp.arange(n, dtype=jnp.int32)
+    size *= n
+  histogram = jnp.zeros((size,), weights.dtype).at[index].add(
+      weights,
+      mode="promise_in_bounds",
+      out_sharding=_replicated_out_sharding(index),
+  )
+  return histogram.reshape((-1, 2, t) if per_column else (2, t))
+
+
+def auc_pair(
+    histogram: jax.Array, summation_method: str
+) -> tuple[AUC, AUC]:
+  """The ROC and PR AUC statistics of one `[2, T]` histogram."""
+  positives, negatives = histogram[..., 0, :], histogram[..., 1, :]
+  return (
+      AUC(positives, negatives, "ROC", summation_method),
+      AUC(positives, negatives, "PR", summation_method),
+  )
+
+
+def check_summation_method(where: str, summation_method: str) -> str:
+  if summation_method not in SUMMATION_METHODS:
+    raise ValueError(
+        f"{where}: summation_method must be one of {SUMMATION_METHODS},"
+        f" got {summation_method!r}."
+    )
+  return summation_method

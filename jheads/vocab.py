@@ -1,0 +1,164 @@
+"""Host-side label vocabularies: strings in, ids to the device, strings back out.
+
+Strings cannot live in jax arrays, so class names never enter a jitted
+function. `encode_labels` maps string labels to class ids with numpy before
+the step; `decode_predictions` adds the class-name outputs (`classes`,
+`all_classes`) to device predictions afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jheads import base
+from jheads import combinator
+
+_CLASSIFIERS = ("binary_classification", "multi_class", "multi_label")
+
+
+def class_names(head: base.Head) -> tuple[str, ...] | None:
+  """A classification head's class names: its vocabulary, or "0".."n-1"; None otherwise.
+
+  Example:
+    >>> import jheads
+    >>> jheads.class_names(jheads.binary_classification_head())
+    ('0', '1')
+  """
+  config = head.config
+  if config.kind not in _CLASSIFIERS:
+    return None
+  if config.label_vocabulary is not None:
+    return config.label_vocabulary
+  return tuple(str(i) for i in range(config.n_classes))
+
+
+def encode_labels(head: base.Head | combinator.MultiHead, labels: Any) -> Any:
+  """Maps string labels to class ids on the host, through the head's vocabulary.
+
+  * binary and multi-class heads: an array of class names becomes an int32
+    array of ids of the same shape.
+  * multi-label heads: a list of per-example lists of class names becomes
+    an int32 0/1 indicator `[batch, n_classes]` (numeric labels are taken to
+    be that indicator already).
+  * numeric labels, and labels of regression heads, pass through as numpy.
+  * a multi_head takes a dict keyed by head name and returns one.
+
+  Unknown class names raise a ValueError naming the head and the names.
+
+  Example:
+    >>> import numpy as np, jheads
+    >>> head = jheads.multi_class_head(3, label_vocabulary=["a", "b", "c"])
+    >>> jheads.encode_labels(head, np.array(["c", "a"])).tolist()
+    [2, 0]
+  """
+  if isinstance(head, combinator.MultiHead):
+    if not isinstance(labels, Mapping):
+      raise ValueError(
+          f"multi_head: labels must be a dict keyed by head name, got"
+          f" {type(labels).__name__}."
+      )
+    by_name = {h.name: h for h in head.heads}
+    unknown = sorted(set(labels) - set(by_name))
+    if unknown:
+      raise ValueError(f"multi_head: labels for unknown head(s) {unknown}; heads are {list(by_name)}.")
+    return {name: encode_labels(by_name[name], value) for name, value in labels.items()}
+  config = head.config
+  where = config.description
+  if config.kind == "multi_label" and _is_list_of_name_lists(labels):
+    return _indicator(where, labels, config)
+  array = np.asarray(labels)
+  if array.dtype.kind not in "USO":
+    return array
+  if config.label_vocabulary is None:
+    raise ValueError(
+        f"{where}: labels are strings but the head has no label_vocabulary."
+    )
+  if config.kind == "multi_label":
+    raise ValueError(
+        f"{where}: give multi-label string labels as a list of per-example"
+        " lists of class names."
+    )
+  return _lookup(where, array, config.label_vocabulary)
+
+
+def decode_predictions(
+    head: base.Head | combinator.MultiHead, predictions: Mapping[Any, Any]
+) -> dict[Any, np.ndarray]:
+  """Device predictions as numpy, plus class names for classification heads.
+
+  Adds `classes` (`[..., 1]`: the predicted class name) and `all_classes`
+  (`[..., n]`) to binary and multi-class predictions, and `classes` (all
+  class names, `[..., n]`) to multi-label ones, as TF's heads did. For a
+  multi_head the added keys are `(head_name, "classes")` and so on.
+
+  Example:
+    >>> import jax.numpy as jnp, jheads
+    >>> head = jheads.binary_classification_head(label_vocabulary=["aang", "iroh"])
+    >>> out = jheads.decode_predictions(head, head.predict_fn(jnp.array([[1.0], [0.0]])))
+    >>> out["classes"].tolist()
+    [['iroh'], ['aang']]
+  """
+  if isinstance(head, combinator.MultiHead):
+    decoded = {}
+    for sub_head in head.heads:
+      own = {key: value for (name, key), value in predictions.items() if name == sub_head.name}
+      for key, value in decode_predictions(sub_head, own).items():
+        decoded[(sub_head.name, key)] = value
+    return decoded
+  decoded = {key: np.asarray(value) for key, value in predictions.items()}
+  names = class_names(head)
+  if names is None:
+    return decoded
+  names_array = np.asarray(names)
+  logits = decoded.get("logits", decoded.get("probabilities"))
+  all_classes = np.broadcast_to(names_array, logits.shape[:-1] + (len(names),))
+  if head.config.kind == "multi_label":
+    decoded["classes"] = all_classes
+  else:
+    decoded["classes"] = names_array[decoded["class_ids"]]
+    decoded["all_classes"] = all_classes
+  return decoded
+
+
+def _lookup(where: str, labels: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
+  labels = _as_text(labels)
+  vocab = np.asarray(vocabulary)
+  order = np.argsort(vocab)
+  position = np.searchsorted(vocab, labels, sorter=order)
+  ids = order[np.minimum(position, len(vocab) - 1)]
+  unknown = vocab[ids] != labels
+  if np.any(unknown):
+    missing = sorted(set(labels[unknown].tolist()))
+    shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    raise ValueError(
+        f"{where}: labels {shown} are not in label_vocabulary {list(vocabulary)}."
+    )
+  return ids.astype(np.int32)
+
+
+def _as_text(array: np.ndarray) -> np.ndarray:
+  if array.dtype.kind == "S":
+    return np.char.decode(array, "utf-8")
+  return array.astype(str)
+
+
+def _is_list_of_name_lists(labels: Any) -> bool:
+  if isinstance(labels, (str, np.ndarray)) or not isinstance(labels, Sequence):
+    return False
+  rows = [np.asarray(row) for row in labels]
+  return any(row.dtype.kind in "USO" for row in rows if row.size)
+
+
+def _indicator(where: str, rows: Sequence[Any], config: base.HeadConfig) -> np.ndarray:
+  """Lists of class names per example -> a 0/1 indicator `[batch, n_classes]`."""
+  if config.label_vocabulary is None:
+    raise ValueError(f"{where}: labels are strings but the head has no label_vocabulary.")
+  indicator = np.zeros((len(rows), config.n_classes), np.int32)
+  for row_index, row in enumerate(rows):
+    names = np.asarray(row).reshape(-1)
+    if names.size:
+      indicator[row_index, _lookup(where, names, config.label_vocabulary)] = 1
+  return indicator
