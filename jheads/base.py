@@ -240,7 +240,10 @@ def require(
     detail: optionally, eager-only text with the offending values.
   """
   if is_concrete(*operands):
-    if not bool(ok()):
+    # Inside a jit trace, jnp ops on constants would be staged, not evaluated.
+    with jax.ensure_compile_time_eval():
+      valid = bool(ok())
+    if not valid:
       raise ValueError(f"{message} (got {detail()})" if detail else message)
   elif _VALUE_CHECKS.get():
     # checkify treats the message as a format string.
