@@ -16,7 +16,7 @@ Example:
   ['accuracy/species', 'average_loss/mass', 'average_loss/species']
 """
 
-from jheads import metrics
+from jheads import export, metrics
 from jheads.base import Head, HeadConfig, LossReduction, checked
 from jheads.binary import binary_classification_head
 from jheads.multi_class import multi_class_head
@@ -41,6 +41,7 @@ __all__ = [
     "class_names",
     "decode_predictions",
     "encode_labels",
+    "export",
     "logistic_regression_head",
     "metrics",
     "multi_class_head",
