@@ -92,7 +92,7 @@ def binary_classification_head(
 
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:
     logits, labels, weights = batch.logits, batch.labels, batch.weights
-    logistic = jax.nn.sigmoid(logits)
+    logistic = base.sigmoid(logits)
     auc, auc_pr = metrics.auc_pair(
         metrics.auc_histogram(
             logistic, labels, weights, num_thresholds=num_thresholds
@@ -137,7 +137,7 @@ def predictions(logits: jax.Array) -> dict[str, jax.Array]:
   two_class_logits = jnp.concatenate([jnp.zeros_like(logits), logits], axis=-1)
   return {
       "logits": logits,
-      "logistic": jax.nn.sigmoid(logits),
+      "logistic": base.sigmoid(logits),
       "probabilities": jax.nn.softmax(two_class_logits, axis=-1),
       "class_ids": (logits > 0).astype(jnp.int32),
       "all_class_ids": jnp.broadcast_to(

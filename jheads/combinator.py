@@ -78,7 +78,9 @@ def multi_head(
   dict logits are then keyed by the inner heads' names.
 
   Differences from TensorFlow: duplicate head names are rejected (TF silently
-  let one head's metrics overwrite the other's), and the logits split error
+  let one head's metrics overwrite the other's); every metric streams over
+  batches (TF 2's `MultiHead.update_metrics` re-created each head's metrics
+  per call, so only `loss/<head>` accumulated); and the logits split error
   states the expected and actual sizes the right way round.
 
   Args:

@@ -94,8 +94,8 @@ class AUC:
     negatives: `[T]` weighted negative labels per bucket.
     curve: ``"ROC"`` or ``"PR"``.
     summation_method: ``"interpolation"`` (TF 2 and Keras: trapezoids for
-      ROC, Davis-Goadrich interpolation for PR) or ``"trapezoidal"`` (TF 1:
-      trapezoids over epsilon-smoothed precision and recall for PR).
+      ROC, Davis-Goadrich interpolation for PR) or ``"trapezoidal"`` (TF 1's
+      `tf.metrics.auc`: trapezoids over epsilon-smoothed rates for both).
   """
 
   positives: jax.Array
@@ -115,14 +115,18 @@ class AUC:
 
   def result(self) -> jax.Array:
     tp, fp, tn, fn = self.confusion()
-    if self.curve == "ROC":
+    if self.summation_method == TRAPEZOIDAL:
+      # TF 1's tf.metrics.auc: epsilon-smoothed rates, trapezoids for both curves.
+      recall = (tp + _TF1_EPSILON) / (tp + fn + _TF1_EPSILON)
+      if self.curve == "ROC":
+        x, y = fp / (fp + tn + _TF1_EPSILON), recall
+      else:
+        x, y = recall, (tp + _TF1_EPSILON) / (tp + fp + _TF1_EPSILON)
+    elif self.curve == "ROC":
       x = base.safe_divide(fp, fp + tn)
       y = base.safe_divide(tp, tp + fn)
-    elif self.summation_method == INTERPOLATION:
-      return _interpolated_pr_auc(tp, fp, fn)
     else:
-      x = (tp + _TF1_EPSILON) / (tp + fn + _TF1_EPSILON)
-      y = (tp + _TF1_EPSILON) / (tp + fp + _TF1_EPSILON)
+      return _interpolated_pr_auc(tp, fp, fn)
     heights = (y[..., :-1] + y[..., 1:]) / 2.0
     return jnp.sum((x[..., :-1] - x[..., 1:]) * heights, axis=-1)
 

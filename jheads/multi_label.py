@@ -31,8 +31,8 @@ def multi_label_head(
   """A head where each example may belong to any subset of n_classes (TF's `MultiLabelHead`).
 
   Logits are `[D0, ..., DN, n_classes]`; labels are a 0/1 indicator of the
-  same shape. `jheads.encode_labels` turns lists of class ids, or of class
-  names with a vocabulary, into that indicator on the host.
+  same shape. With a vocabulary, `jheads.encode_labels` turns per-example
+  lists of class names into that indicator on the host.
 
   The unreduced loss is the sigmoid cross-entropy averaged over classes,
   `[D0, ..., DN, 1]`, so `sum_over_batch_size` divides by the batch size,
@@ -107,7 +107,7 @@ def multi_label_head(
     return jnp.mean(losses, axis=-1, keepdims=True)
 
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:
-    probabilities = jax.nn.sigmoid(batch.logits)
+    probabilities = base.sigmoid(batch.logits)
     cell_weights = jnp.broadcast_to(batch.weights, probabilities.shape)
     auc, auc_pr = metrics.auc_pair(
         metrics.auc_histogram(
@@ -164,7 +164,7 @@ def multi_label_head(
 
 def predictions(logits: jax.Array) -> dict[str, jax.Array]:
   """Multi-label predictions of `[D0, ..., DN, n]` logits."""
-  return {"logits": logits, "probabilities": jax.nn.sigmoid(logits)}
+  return {"logits": logits, "probabilities": base.sigmoid(logits)}
 
 
 def _class_ids(

@@ -194,7 +194,7 @@ def logistic_regression_head(
       default_loss=lambda batch: optax.losses.sigmoid_binary_cross_entropy(
           batch.logits, batch.labels
       ),
-      inverse_link_fn=jax.nn.sigmoid,
+      inverse_link_fn=base.sigmoid,
       label_rule=base.LabelRule(
           integer=False,
           ok=lambda labels: jnp.all((labels >= 0) & (labels <= 1)),

@@ -67,7 +67,7 @@ def encode_labels(head: base.Head | combinator.MultiHead, labels: Any) -> Any:
     return {name: encode_labels(by_name[name], value) for name, value in labels.items()}
   config = head.config
   where = config.description
-  if config.kind == "multi_label" and _is_list_of_name_lists(labels):
+  if config.kind == "multi_label" and _is_list_of_name_lists(where, labels):
     return _indicator(where, labels, config)
   array = np.asarray(labels)
   if array.dtype.kind not in "USO":
@@ -145,20 +145,33 @@ def _as_text(array: np.ndarray) -> np.ndarray:
   return array.astype(str)
 
 
-def _is_list_of_name_lists(labels: Any) -> bool:
+def _is_list_of_name_lists(where: str, labels: Any) -> bool:
+  """Whether `labels` are per-example lists of class names (rows may be empty)."""
   if isinstance(labels, (str, np.ndarray)) or not isinstance(labels, Sequence):
     return False
+  if not all(isinstance(row, (Sequence, np.ndarray)) and not isinstance(row, str) for row in labels):
+    return False
   rows = [np.asarray(row) for row in labels]
-  return any(row.dtype.kind in "USO" for row in rows if row.size)
+  if all(row.size == 0 or row.dtype.kind in "USO" for row in rows):
+    return True
+  if len({row.shape for row in rows}) > 1:
+    raise ValueError(
+        f"{where}: multi-label labels must be a 0/1 indicator [batch, n_classes]"
+        " or per-example lists of class names; got lists of unequal length"
+        " (lists of class ids are ambiguous with an indicator: convert them"
+        " to an indicator first)."
+    )
+  return False
 
 
 def _indicator(where: str, rows: Sequence[Any], config: base.HeadConfig) -> np.ndarray:
   """Lists of class names per example -> a 0/1 indicator `[batch, n_classes]`."""
-  if config.label_vocabulary is None:
-    raise ValueError(f"{where}: labels are strings but the head has no label_vocabulary.")
   indicator = np.zeros((len(rows), config.n_classes), np.int32)
   for row_index, row in enumerate(rows):
     names = np.asarray(row).reshape(-1)
-    if names.size:
-      indicator[row_index, _lookup(where, names, config.label_vocabulary)] = 1
+    if names.size == 0:
+      continue
+    if config.label_vocabulary is None:
+      raise ValueError(f"{where}: labels are strings but the head has no label_vocabulary.")
+    indicator[row_index, _lookup(where, names, config.label_vocabulary)] = 1
   return indicator

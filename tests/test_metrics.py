@@ -155,7 +155,7 @@ def test_num_thresholds_is_configurable():
   assert abs(float(coarse_stats["auc"].result()) - exact) > 0.05
 
 
-def test_summation_method_changes_only_pr_auc():
+def test_summation_method_changes_pr_auc():
   # Head1 of spec §7's F2 fixture, pooled into one binary curve.
   logits = np.array([[-10.0], [10.0], [-15.0], [10.0]], np.float32)
   labels = np.array([[1.0], [0.0], [1.0], [1.0]], np.float32)
@@ -163,9 +163,20 @@ def test_summation_method_changes_only_pr_auc():
   tf1 = metrics.compute(
       jheads.binary_classification_head(summation_method="trapezoidal").metric_fn(logits, labels)
   )
-  assert float(tf2["auc"]) == float(tf1["auc"])
+  np.testing.assert_allclose(float(tf2["auc"]), float(tf1["auc"]), atol=1e-6)
   np.testing.assert_allclose(float(tf2["auc_precision_recall"]), 0.60228, atol=1e-4)
   np.testing.assert_allclose(float(tf1["auc_precision_recall"]), 0.66667, atol=1e-4)
+
+
+def test_trapezoidal_follows_tf1_without_positive_labels():
+  # TF 1 smooths recall with an epsilon: with no positives it is 1 everywhere.
+  logits, labels = np.array([[1.0], [-2.0]], np.float32), np.zeros((2, 1), np.float32)
+  tf1 = metrics.compute(
+      jheads.binary_classification_head(summation_method="trapezoidal").metric_fn(logits, labels)
+  )
+  tf2 = metrics.compute(jheads.binary_classification_head().metric_fn(logits, labels))
+  np.testing.assert_allclose(float(tf1["auc"]), 1.0, atol=1e-6)
+  assert float(tf2["auc"]) == 0.0
 
 
 def test_auc_with_a_single_class_is_finite():

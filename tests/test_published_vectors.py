@@ -7,6 +7,8 @@ import pytest
 import jheads
 from jheads import metrics
 
+F32 = np.float32
+
 
 def computed(stats):
   return {key: float(value) for key, value in metrics.compute(stats).items()}
@@ -354,3 +356,16 @@ def test_vectors_hold_under_jit():
 
   stats = jax.jit(head.metric_fn)(jnp.asarray(BINARY_LOGITS), jnp.asarray(BINARY_LABELS), BINARY_FEATURES)
   assert_metrics(stats, {"auc": 0.4545457, "auc_precision_recall": 0.4010627, "precision": 0.4})
+
+
+def test_probabilities_round_as_tensorflow_does_on_thresholds_and_bucket_edges():
+  """Probabilities exactly on a threshold or an AUC bucket edge land where TF puts them."""
+  head = jheads.binary_classification_head(thresholds=[0.75])
+  on_threshold = np.array([[1.0986123]], F32)  # float32 log(3): TF's sigmoid gives exactly 0.75.
+  np.testing.assert_array_equal(head.predict_fn(on_threshold)["logistic"], [[0.75]])
+  values = computed(head.metric_fn(on_threshold, np.ones((1, 1), F32)))
+  assert values["recall/positive_threshold_0.75"] == 0.0
+  # -3.8867052 gives exactly 4/199 in TF, an AUC bucket edge (TF 2.15: auc 0.25, PR 0.35860).
+  logits = np.array([[-3.0], [-3.8867052], [-3.8867052], [-3.9]], F32)
+  labels = np.array([[0.0], [1.0], [0.0], [1.0]], F32)
+  assert_metrics(head.metric_fn(logits, labels), {"auc": 0.25, "auc_precision_recall": 0.35860})

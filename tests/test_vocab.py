@@ -51,6 +51,17 @@ def test_multi_label_lists_of_names_become_an_indicator():
   np.testing.assert_array_equal(decoded["classes"], [["red", "green", "blue"]] * 3)
   with pytest.raises(ValueError, match=r"labels 'purple' are not in label_vocabulary"):
     jheads.encode_labels(head, [["purple"]])
+  # A batch in which no example has any label is still a batch.
+  empty = jheads.encode_labels(head, [[], []])
+  np.testing.assert_array_equal(empty, np.zeros((2, 3)))
+  np.testing.assert_allclose(head.loss_fn(np.zeros((2, 3), np.float32), empty), np.log(2.0), rtol=1e-6)
+
+
+def test_multi_label_numeric_labels_are_an_indicator_and_ragged_ids_are_rejected():
+  head = jheads.multi_label_head(3, name="tags")
+  np.testing.assert_array_equal(jheads.encode_labels(head, [[0, 1, 1], [1, 0, 0]]), [[0, 1, 1], [1, 0, 0]])
+  with pytest.raises(ValueError, match=r"head 'tags': multi-label labels must be a 0/1 indicator .* lists of unequal length"):
+    jheads.encode_labels(head, [[0], [1, 2]])
 
 
 def test_multi_head_encodes_and_decodes_per_head():
