@@ -16,7 +16,7 @@ Example:
   ['accuracy/species', 'average_loss/mass', 'average_loss/species']
 """
 
-from jheads import export, metrics
+from jheads import export, metrics, training
 from jheads.base import Head, HeadConfig, LossReduction, checked
 from jheads.binary import binary_classification_head
 from jheads.multi_class import multi_class_head
@@ -49,4 +49,5 @@ __all__ = [
     "multi_label_head",
     "poisson_regression_head",
     "regression_head",
+    "training",
 ]

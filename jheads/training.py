@@ -1,0 +1,391 @@
+"""Train, eval and predict steps: Estimator's three modes as pure functions.
+
+`tf.estimator` built one graph per mode with `create_estimator_spec(mode)`.
+Here each mode is a step builder taking the head, the model as
+`apply_fn(params, features) -> logits` (a Flax Linen `apply`, a merged Flax
+NNX module, or any function) and, for training, an optax optimizer:
+
+* `make_train_step`: one forward pass, one backward pass, one optimizer
+  update; returns the total loss, each head's loss, the regularization loss
+  and, on request, metric statistics of the same logits.
+* `make_eval_step`: additive metric statistics of a batch (merge batches
+  with `jheads.metrics.merge`, finish with `jheads.metrics.compute`).
+* `make_predict_step`: the head's predictions.
+
+The steps are returned unjitted: wrap them in `jax.jit` (one device, or many
+through sharded inputs), `jax.shard_map` or `jax.pmap`. Under the last two,
+build them with `axis_name`: the batch is then split over that axis, and the
+steps psum gradients and metric statistics, so every shard ends with the
+whole batch's update and statistics. Only sums cross devices; predictions
+are never gathered.
+
+Multi-head weights are an argument of the train step, not a constant
+folded into it: a schedule that changes them every step reuses one
+compilation.
+
+Flax NNX: `train_loss` is the differentiable objective the train step uses,
+exposed so that a stateful `nnx.Module` + `nnx.Optimizer` step is a few
+lines (see `train_loss`). There is deliberately no NNX step builder: its
+body would be those same lines, while hiding choices that belong to the user
+(`nnx.jit` or `jax.jit` over `nnx.split` state, which variables to
+differentiate). To shard an NNX model with `shard_map` or `pmap`, split it
+with `nnx.split` and use `make_train_step`, with `apply_fn` merging it back.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, jheads
+  >>> head = jheads.multi_head([
+  ...     jheads.binary_classification_head(name="click"),
+  ...     jheads.regression_head(name="dwell")])
+  >>> apply_fn = lambda params, features: features["x"] @ params
+  >>> optimizer = optax.sgd(0.1)
+  >>> params = jnp.zeros((3, head.logits_dim))
+  >>> opt_state = optimizer.init(params)
+  >>> train_step = jax.jit(jheads.training.make_train_step(head, apply_fn, optimizer))
+  >>> features = {"x": jnp.ones((4, 3))}
+  >>> labels = {"click": jnp.ones(4), "dwell": jnp.full(4, 2.0)}
+  >>> params, opt_state, out = train_step(params, opt_state, features, labels)
+  >>> round(float(out.loss), 4)  # log(2) + 2 ** 2
+  4.6931
+  >>> {name: round(float(loss), 4) for name, loss in out.head_losses.items()}
+  {'click': 0.6931, 'dwell': 4.0}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jheads import base
+from jheads import combinator
+from jheads import metrics
+
+ArrayLike = jax.typing.ArrayLike
+AnyHead = base.Head | combinator.MultiHead
+ApplyFn = Callable[[Any, base.Features], Any]
+RegularizationFn = Callable[[Any], ArrayLike]
+
+REGULARIZATION_LOSS = "regularization_loss"
+"""The eval metric key of the regularization loss, as in TensorFlow."""
+
+
+class TrainOutput(NamedTuple):
+  """What one train step reports, all from the step's one forward pass.
+
+  Under `axis_name` every field is the whole batch's value, the same on every
+  shard.
+
+  Attributes:
+    loss: the loss that was minimized: the head-weighted sum of the heads'
+      losses, plus the regularization loss.
+    head_losses: each head's unweighted loss, keyed by head name. A single
+      head has one entry under its name (none if it is unnamed).
+    regularization_loss: `regularization_fn(params)`, or None without one.
+    metrics: the head's metric statistics of this batch, computed from the
+      training logits, or None unless the step was built `with_metrics`.
+  """
+
+  loss: jax.Array
+  head_losses: dict[str, jax.Array]
+  regularization_loss: jax.Array | None = None
+  metrics: base.Stats | None = None
+
+
+def train_loss(
+    head: AnyHead,
+    logits: Any,
+    labels: Any,
+    features: base.Features = None,
+    *,
+    head_weights: ArrayLike | None = None,
+    regularization_loss: ArrayLike | None = None,
+    with_metrics: bool = False,
+    axis_name: Any = None,
+) -> tuple[jax.Array, TrainOutput]:
+  """The training objective of one batch and what a train step reports of it.
+
+  Shaped for `jax.value_and_grad(..., has_aux=True)`: differentiate the
+  first output; the second is the `TrainOutput`. Each head's loss is
+  computed once and the total is their weighted sum, so the per-head losses
+  cost nothing extra; metric statistics reuse the same logits, with their
+  gradient stopped.
+
+  The regularization loss is added once, not multiplied by any head weight
+  (TensorFlow 2's `MultiHead`).
+
+  Args:
+    head: a head or multi_head.
+    logits: the model's output for the batch.
+    labels: labels as the head takes them (a dict for a multi_head).
+    features: the features dict, for weight columns.
+    head_weights: a multi_head's weights, `[n_heads]`, overriding its
+      defaults; may be traced. Must be None for a single head.
+    regularization_loss: a scalar to add to the loss, e.g. an L2 penalty of
+      the parameters; None for none.
+    with_metrics: also compute metric statistics.
+    axis_name: the named axis the batch is split over (`shard_map`, `pmap`).
+      The first output is then this shard's share of the loss, so the sum of
+      the shards' gradients is the whole batch's gradient; the
+      `TrainOutput` holds the whole batch's values.
+
+  Returns:
+    `(loss to differentiate, TrainOutput)`.
+
+  Example:
+    The stateful Flax NNX form, with an `nnx.Optimizer`:
+
+    >>> import jax.numpy as jnp, optax, jheads
+    >>> from flax import nnx
+    >>> head = jheads.multi_head([
+    ...     jheads.binary_classification_head(name="click"),
+    ...     jheads.regression_head(name="dwell")])
+    >>> model = nnx.Linear(3, head.logits_dim, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, features, labels):
+    ...   def objective(model):
+    ...     return jheads.training.train_loss(
+    ...         head, model(features["x"]), labels, features)
+    ...   (_, out), grads = nnx.value_and_grad(objective, has_aux=True)(model)
+    ...   optimizer.update(model, grads)
+    ...   return out
+    >>> features = {"x": jnp.ones((4, 3))}
+    >>> labels = {"click": jnp.ones(4), "dwell": jnp.full(4, 2.0)}
+    >>> sorted(train_step(model, optimizer, features, labels).head_losses)
+    ['click', 'dwell']
+  """
+  if isinstance(head, combinator.MultiHead):
+    weights = _head_weights(head, head_weights)
+    head_losses = head.head_losses_fn(logits, labels, features, axis_name=axis_name)
+    loss = jnp.dot(weights, jnp.stack([head_losses[h.name] for h in head.heads]))
+  else:
+    if head_weights is not None:
+      raise ValueError(
+          f"{head.config.description}: head_weights are for a multi_head; a"
+          " single head has none."
+      )
+    loss = head.loss_fn(logits, labels, features, axis_name=axis_name)
+    head_losses = {} if head.name is None else {head.name: loss}
+  if regularization_loss is not None:
+    # Parameters are the same on every shard: each adds its share so that the
+    # sum over shards counts the penalty once.
+    regularization_loss = _share(jnp.asarray(regularization_loss), axis_name)
+    loss = loss + regularization_loss
+  stats = None
+  if with_metrics:
+    stats = head.metric_fn(
+        jax.lax.stop_gradient(logits), labels, features, axis_name=axis_name
+    )
+  output = TrainOutput(
+      loss=loss,
+      head_losses=head_losses,
+      regularization_loss=regularization_loss,
+      metrics=stats,
+  )
+  if axis_name is not None:
+    output = jax.lax.psum(output, axis_name)
+  return loss, output
+
+
+def make_train_step(
+    head: AnyHead,
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    regularization_fn: RegularizationFn | None = None,
+    with_metrics: bool = False,
+    axis_name: Any = None,
+) -> Callable[..., tuple[Any, Any, TrainOutput]]:
+  """Builds the train step (Estimator's TRAIN mode).
+
+  The step is `(params, opt_state, features, labels, head_weights=None) ->
+  (params, opt_state, TrainOutput)`. It runs the model once, differentiates
+  `train_loss` and applies one optimizer update.
+
+  Args:
+    head: a head or multi_head.
+    apply_fn: `(params, features) -> logits`.
+    optimizer: an optax optimizer; its state is `optimizer.init(params)`.
+    regularization_fn: `params -> scalar`, a loss added once, unweighted by
+      head weights, and reported as `regularization_loss`.
+    with_metrics: also return the batch's metric statistics.
+    axis_name: run inside `jax.shard_map` or `jax.pmap` over this axis, with
+      the batch split over it and the parameters and optimizer state
+      replicated. Gradients are psum'd, so every shard applies the update of
+      the whole batch. Leave None under `jax.jit`, sharded or not.
+
+  Returns:
+    The train step, unjitted. `head_weights` (`[n_heads]`) overrides a
+    multi_head's weights for that step; passing an array every step lets a
+    schedule change them without recompiling.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jheads
+    >>> head = jheads.regression_head(name="y")
+    >>> apply_fn = lambda params, features: features["x"] @ params
+    >>> l2 = lambda params: 0.5 * jnp.sum(params ** 2)
+    >>> step = jax.jit(jheads.training.make_train_step(
+    ...     head, apply_fn, optax.sgd(0.1), regularization_fn=l2))
+    >>> params = jnp.ones((2, 1))
+    >>> features, labels = {"x": jnp.ones((4, 2))}, jnp.zeros(4)
+    >>> params, _, out = step(params, optax.sgd(0.1).init(params), features, labels)
+    >>> float(out.loss), float(out.head_losses["y"]), float(out.regularization_loss)
+    (5.0, 4.0, 1.0)
+  """
+
+  def train_step(params, opt_state, features, labels, head_weights=None):
+    def objective(differentiable_params):
+      logits = apply_fn(differentiable_params, features)
+      regularization = (
+          None if regularization_fn is None else regularization_fn(differentiable_params)
+      )
+      return train_loss(
+          head,
+          logits,
+          labels,
+          features,
+          head_weights=head_weights,
+          regularization_loss=regularization,
+          with_metrics=with_metrics,
+          axis_name=axis_name,
+      )
+
+    if axis_name is None:
+      (_, output), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    else:
+      (_, output), grads = jax.value_and_grad(objective, has_aux=True)(
+          _per_shard(params, axis_name)
+      )
+      grads = jax.lax.psum(grads, axis_name)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, output
+
+  return train_step
+
+
+def make_eval_step(
+    head: AnyHead,
+    apply_fn: ApplyFn,
+    *,
+    regularization_fn: RegularizationFn | None = None,
+    axis_name: Any = None,
+) -> Callable[[Any, base.Features, Any], base.Stats]:
+  """Builds the eval step (Estimator's EVAL mode).
+
+  The step is `(params, features, labels) -> stats`: the head's additive
+  metric statistics of the batch, plus `regularization_loss` (its mean over
+  evaluated batches, as TensorFlow reports it) with a `regularization_fn`.
+
+  Args:
+    head: a head or multi_head.
+    apply_fn: `(params, features) -> logits`.
+    regularization_fn: `params -> scalar`, reported as `regularization_loss`.
+    axis_name: run inside `jax.shard_map` or `jax.pmap` over this axis, with
+      the batch split over it; the statistics are psum'd, so every shard
+      returns those of the whole batch.
+
+  Returns:
+    The eval step, unjitted.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jheads
+    >>> head = jheads.multi_class_head(3, name="species")
+    >>> apply_fn = lambda params, features: features["x"] @ params
+    >>> eval_step = jax.jit(jheads.training.make_eval_step(head, apply_fn))
+    >>> params = jnp.eye(3)
+    >>> stats = jheads.metrics.merge(
+    ...     eval_step(params, {"x": jnp.eye(3)}, jnp.array([0, 1, 2])),
+    ...     eval_step(params, {"x": jnp.eye(3)}, jnp.array([0, 0, 0])))
+    >>> float(jheads.metrics.compute(stats)["accuracy/species"])
+    0.6666...
+  """
+
+  def eval_step(params, features, labels):
+    logits = apply_fn(params, features)
+    stats = dict(head.metric_fn(logits, labels, features, axis_name=axis_name))
+    if regularization_fn is not None:
+      regularization = jnp.asarray(regularization_fn(params))
+      # One batch counts once in the mean, however many shards share it.
+      count = _share(jnp.ones((), regularization.dtype), axis_name)
+      stats[REGULARIZATION_LOSS] = metrics.Ratio(regularization * count, count)
+    if axis_name is not None:
+      stats = jax.lax.psum(stats, axis_name)
+    return stats
+
+  return eval_step
+
+
+def make_predict_step(
+    head: AnyHead, apply_fn: ApplyFn
+) -> Callable[[Any, base.Features], dict[Any, jax.Array]]:
+  """Builds the predict step (Estimator's PREDICT mode).
+
+  The step is `(params, features) -> predictions`, the head's numeric
+  predictions (keyed by `(head, key)` for a multi_head). Class names are
+  added on the host by `jheads.decode_predictions`. Predictions are per
+  example, so the step needs no `axis_name`: under `shard_map` or `pmap`
+  each shard predicts its own part of the batch.
+
+  Args:
+    head: a head or multi_head.
+    apply_fn: `(params, features) -> logits`.
+
+  Returns:
+    The predict step, unjitted.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jheads
+    >>> head = jheads.binary_classification_head(label_vocabulary=["no", "yes"])
+    >>> predict_step = jax.jit(jheads.training.make_predict_step(
+    ...     head, lambda params, features: features["x"] @ params))
+    >>> predictions = predict_step(jnp.ones((2, 1)), {"x": jnp.array([[1.0, 1.0], [-1.0, 0.0]])})
+    >>> jheads.decode_predictions(head, predictions)["classes"].tolist()
+    [['yes'], ['no']]
+  """
+
+  def predict_step(params, features):
+    return head.predict_fn(apply_fn(params, features))
+
+  return predict_step
+
+
+def _head_weights(head: combinator.MultiHead, head_weights: ArrayLike | None) -> Any:
+  """The weights vector of a multi_head: the override if given, else its defaults."""
+  if head_weights is None:
+    return jnp.asarray(head.head_weights, jnp.float32)
+  weights = jnp.asarray(head_weights)
+  if weights.shape != (len(head.heads),):
+    raise ValueError(
+        f"multi_head: head_weights must have shape ({len(head.heads)},), one per"
+        f" head {[h.name for h in head.heads]}; got shape {weights.shape}."
+    )
+  return weights
+
+
+def _share(value: jax.Array, axis_name: Any) -> jax.Array:
+  """A replicated value's share on one shard: its sum over the axis is `value`."""
+  if axis_name is None:
+    return value
+  return value / jax.lax.axis_size(axis_name)
+
+
+def _per_shard(tree: Any, axis_name: Any) -> Any:
+  """Marks replicated leaves as varying over `axis_name`.
+
+  Inside `shard_map`, the gradient of a replicated (invariant) input is
+  summed over the axis implicitly, while under `pmap` it is not. Casting the
+  parameters to varying first makes both give this shard's gradient, which
+  the train step then psums explicitly, the same way everywhere.
+  """
+
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def cast(leaf):
+    varying = jax.typeof(leaf).mat.varying
+    invariant = tuple(axis for axis in axes if axis not in varying)
+    return jax.lax.pcast(leaf, invariant, to="varying") if invariant else leaf
+
+  return jax.tree.map(cast, tree)
