@@ -313,6 +313,10 @@ def test_linen_apply_fn():
 # Plain SGD: Adam would hide a gradient off by a constant factor.
 TX = optax.sgd(0.05, momentum=0.9)
 MODES = ("explicit_mesh", "auto_mesh", "shard_map", "pmap")
+needs_eight_devices = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs 8 devices (conftest.py sets --xla_force_host_platform_device_count=8)",
+)
 
 
 def schedule(i):
@@ -414,6 +418,7 @@ def distributed_steps(mode):
   return train_step, eval_step, replicate, shard, jax.set_mesh(mesh)
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("mode", MODES)
 def test_eight_devices_equal_one(mode, data, single_device):
   ref_params, ref_outputs, ref_metrics = single_device
@@ -440,6 +445,7 @@ def test_eight_devices_equal_one(mode, data, single_device):
     assert max(abs(train_metrics[k] - ref_train_metrics[k]) for k in ref_train_metrics) < 1e-5
 
 
+@needs_eight_devices
 def test_shard_map_sums_statistics_and_gathers_nothing():
   mesh = jax.make_mesh((8,), ("batch",))
   eval_step = jax.shard_map(
