@@ -461,3 +461,18 @@ def test_shard_map_sums_statistics_and_gathers_nothing():
     jaxpr = str(jax.make_jaxpr(eval_step)(params, shard(features), shard(labels)))
   assert "psum" in jaxpr
   assert "all_gather" not in jaxpr and "all_to_all" not in jaxpr
+
+
+@needs_eight_devices
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_sharded_jit_sums_statistics_and_gathers_nothing(axis_type):
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(axis_type,))
+  features, labels = make_batch(np.random.default_rng(9))
+  params = init_params(jax.random.key(9))
+  eval_step = jax.jit(training.make_eval_step(HEAD, apply_fn))
+  with jax.set_mesh(mesh):
+    shard = lambda tree: jax.device_put(tree, NamedSharding(mesh, P("batch")))
+    replicate = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
+    hlo = eval_step.lower(replicate(params), shard(features), shard(labels)).compile().as_text()
+  assert "all-reduce" in hlo
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
