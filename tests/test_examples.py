@@ -66,12 +66,6 @@ def test_penguins_meets_its_accuracy_bounds(tmp_path):
   assert wall < 60
 
 
-def test_penguins_epochs_flag():
-  stdout, stderr, _ = run_example("penguins.py", "--epochs", "2")
-  assert "2/2" in stderr
-  assert re.search(r"^accuracy\s+\d\.\d+\s+\d\.\d+\s*$", stdout, re.M)
-
-
 def test_quickstart():
   stdout, _, _ = run_example("quickstart.py")
   metrics = printed_metrics(stdout)
