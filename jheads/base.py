@@ -159,7 +159,9 @@ class Head(NamedTuple):
     loss_fn: `(logits, labels, features=None, *, axis_name=None) -> scalar`,
       the reduced training loss. With `axis_name`, the batch is split over
       that named axis (pmap, shard_map) and the result is this shard's share:
-      its sum over the axis is the loss of the whole batch.
+      its sum over the axis is the loss of the whole batch, and so is the sum
+      of the shares' gradients (under `shard_map`, gradients with respect to
+      replicated parameters come back already summed; see the README).
     metric_fn: `(logits, labels, features=None, *, axis_name=None) -> stats`,
       additive sufficient statistics: merge batches with `metrics.merge`, and
       devices with `jax.lax.psum`; `metrics.compute` gives the values.
