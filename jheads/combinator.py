@@ -7,11 +7,17 @@ their logits, labels and weights are stacked on a new leading axis and the
 kernel is `jax.vmap`-ed over it. A model with a hundred binary heads thus
 computes one `[100, batch, 1]` loss instead of a hundred small ones, which XLA
 does not merge by itself.
+
+When logits come as one array, a group's logits are read with one static
+gather of its columns (a slice when they are adjacent), never as one slice
+per head: the gradient of a slice is a pad of the whole logits array, and a
+hundred of those cost more than the losses themselves.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
 
@@ -23,6 +29,18 @@ from jheads import base
 from jheads import metrics
 
 _WHERE = "multi_head"
+
+
+class _Inputs(NamedTuple):
+  """Checked inputs of every head.
+
+  Attributes:
+    per_head: `(logits, labels, weights)` of each head, in head order.
+    group_logits: `head indices -> their logits stacked on a leading axis`.
+  """
+
+  per_head: list[tuple[Any, Any, Any]]
+  group_logits: Callable[[list[int]], Any]
 
 
 class MultiHead(NamedTuple):
@@ -142,31 +160,49 @@ def multi_head(
       )
     return [labels[n] for n in names]
 
-  def checked_inputs(logits, labels, features):
+  def group_logits(logits: Any, per_head_logits: list[Any], indices: list[int]) -> Any:
+    """The logits of a group of heads, stacked on a new leading axis."""
+    if isinstance(logits, Mapping):
+      return _stack([per_head_logits[i] for i in indices])
+    columns = np.stack([np.arange(offsets[i], offsets[i + 1]) for i in indices])
+    logits = jnp.asarray(logits)
+    if np.array_equal(columns.ravel(), np.arange(columns[0, 0], columns[-1, -1] + 1)):
+      taken = logits[..., columns[0, 0] : columns[-1, -1] + 1]
+    else:
+      taken = logits[..., columns.ravel()]
+    taken = taken.reshape(taken.shape[:-1] + columns.shape)
+    return jnp.moveaxis(taken, -2, 0)
+
+  def checked_inputs(logits, labels, features) -> _Inputs:
     per_head_logits = split_logits(logits)
     per_head_labels = split_labels(labels)
     per_head_weights = [h.kernel.get_weights(features) for h in heads]
     for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
       head.kernel.validate(lo, la, w)
-    return list(zip(per_head_logits, per_head_labels, per_head_weights))
+    return _Inputs(
+        list(zip(per_head_logits, per_head_labels, per_head_weights)),
+        functools.partial(group_logits, logits, per_head_logits),
+    )
 
   def evaluate(
-      inputs: list[tuple[Any, ...]],
+      inputs: _Inputs,
       features: Any,
       kernel_fn: Callable[[base.HeadKernel, base.Batch], Any],
   ) -> list[tuple[np.ndarray, Any]]:
     """Runs `kernel_fn` on every head; returns (head indices, stacked outputs) per group."""
     results = []
-    for indices in _groups(heads, inputs, vectorize):
+    for indices in _groups(heads, inputs.per_head, vectorize):
       kernel = heads[indices[0]].kernel
       if len(indices) == 1:
-        batch = kernel.prepare(*inputs[indices[0]])._replace(features=features)
+        batch = kernel.prepare(*inputs.per_head[indices[0]])._replace(features=features)
         out = jax.tree.map(lambda x: x[None], kernel_fn(kernel, batch))
       else:
-        stacked = [
-            _stack([inputs[i][part] for i in indices]) for part in range(3)
-        ]
-        out = jax.vmap(lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)))(*stacked)
+        labels = _stack([inputs.per_head[i][1] for i in indices])
+        weights, weights_axis = _stack_or_share([inputs.per_head[i][2] for i in indices])
+        out = jax.vmap(
+            lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)),
+            in_axes=(0, 0, weights_axis),
+        )(inputs.group_logits(indices), labels, weights)
       results.append((np.asarray(indices), out))
     return results
 
@@ -226,7 +262,7 @@ def multi_head(
       if len(indices) == 1:
         per_head[indices[0]] = kernel.predictions(per_head_logits[indices[0]])
         continue
-      out = jax.vmap(kernel.predictions)(_stack([per_head_logits[i] for i in indices]))
+      out = jax.vmap(kernel.predictions)(group_logits(logits, per_head_logits, indices))
       for j, i in enumerate(indices):
         per_head[i] = {key: value[j] for key, value in out.items()}
     return {
@@ -334,3 +370,12 @@ def _stack(values: list[Any]) -> Any:
   return jnp.stack([jnp.asarray(v) for v in values])
 
 
+def _stack_or_share(values: list[Any]) -> tuple[Any, int | None]:
+  """Stacks per-head values for `vmap`, unless every head got the very same one.
+
+  Heads that share a weight column get the same array; passing it once
+  (`in_axes=None`) avoids materializing one copy per head.
+  """
+  if all(v is values[0] for v in values):
+    return values[0], None
+  return _stack(values), 0
