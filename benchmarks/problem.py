@@ -15,6 +15,7 @@ name as `multi_head` wants them, and return the same number.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -182,17 +183,105 @@ def train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Call
   return step
 
 
-def contenders(num_heads: int) -> dict[str, LossFn]:
-  """The losses the overhead section compares, by label."""
-  return {
-      "jheads": jheads_loss(make_multi_head(num_heads)),
-      "hand": hand_loss(num_heads),
-      "loop": loop_loss(num_heads),
-      "jheads_unvectorized": jheads_loss(make_multi_head(num_heads, vectorize=False)),
-  }
+CONTENDERS = ("jheads", "hand", "loop", "jheads_unvectorized")
+"""The training losses the overhead section compares."""
+
+
+def make_loss(contender: str, num_heads: int) -> LossFn:
+  """A fresh loss function (new heads, new closures) for one of `CONTENDERS`."""
+  if contender == "jheads":
+    return jheads_loss(make_multi_head(num_heads))
+  if contender == "jheads_unvectorized":
+    return jheads_loss(make_multi_head(num_heads, vectorize=False))
+  if contender == "hand":
+    return hand_loss(num_heads)
+  if contender == "loop":
+    return loop_loss(num_heads)
+  raise ValueError(f"unknown contender {contender!r}; expected one of {CONTENDERS}")
 
 
 def step_inputs(num_heads: int, seed: int = 0) -> tuple[Params, Any, Batch]:
   """Initial params, Adam state and a batch for `train_step`."""
   params = init_params(jax.random.key(seed), num_heads)
   return params, make_optimizer().init(params), make_batch(seed, num_heads)
+
+
+# ----------------------------------------------------------------------------
+# HLO size, shared by run.py and the CI guard.
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%[\w.\-]+\s*=\s")
+_STABLEHLO_OP = re.compile(r"\bstablehlo\.[a-z_]+\b")
+
+
+def hlo_op_counts(fn: Callable, *args: Any) -> dict[str, int]:
+  """Op counts of `jax.jit(fn)` at `args`.
+
+  Returns:
+    `optimized_hlo`: instructions of the compiled module's HLO text
+    (`jit(fn).lower(...).compile().as_text()`), in every computation, fusion
+    bodies included; `stablehlo`: `stablehlo.*` ops of the lowered module,
+    before XLA optimizes it.
+  """
+  lowered = jax.jit(fn).lower(*args)
+  optimized = lowered.compile().as_text()
+  return {
+      "optimized_hlo": sum(
+          1 for line in optimized.splitlines() if _HLO_INSTRUCTION.match(line)
+      ),
+      "stablehlo": len(_STABLEHLO_OP.findall(lowered.as_text())),
+  }
+
+
+# ----------------------------------------------------------------------------
+# The same problem for the peers.
+
+
+def keras_model(num_heads: int) -> Any:
+  """The model as a compiled Keras 3 multi-output model: one Dense output per head.
+
+  The backend must already be JAX (`KERAS_BACKEND=jax` before keras is
+  imported). Keras sums the per-output losses, each a batch mean, as
+  `multi_head` does with head weights 1.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+
+  inputs = keras.Input((TRUNK[0],))
+  hidden = inputs
+  for units in TRUNK[1:]:
+    hidden = keras.layers.Dense(units, activation="relu")(hidden)
+  losses = {
+      "binary": lambda: keras.losses.BinaryCrossentropy(from_logits=True),
+      "multi_class": lambda: keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      "regression": keras.losses.MeanSquaredError,
+  }
+  outputs = [
+      keras.layers.Dense(dim, name=name)(hidden)
+      for name, dim in zip(head_names(num_heads), head_dims(num_heads))
+  ]
+  model = keras.Model(inputs, outputs)
+  model.compile(
+      optimizer=keras.optimizers.Adam(LEARNING_RATE),
+      loss=[losses[kind]() for kind in head_kinds(num_heads)],
+  )
+  return model
+
+
+def keras_batch(batch: Batch) -> tuple[np.ndarray, list[np.ndarray]]:
+  """`batch` as Keras takes it: features, and one `[B, 1]` label array per output."""
+  x, labels = batch
+  return np.asarray(x), [np.asarray(labels[n]).reshape(-1, 1) for n in labels]
+
+
+def save_for_estimator(num_heads: int, batch: Batch, path: str) -> None:
+  """Writes the problem and `batch` for `peer_estimator.py`, which has no jax."""
+  x, labels = batch
+  np.savez(
+      path,
+      kinds=np.asarray(head_kinds(num_heads)),
+      names=np.asarray(head_names(num_heads)),
+      trunk=np.asarray(TRUNK),
+      n_classes=N_CLASSES,
+      learning_rate=LEARNING_RATE,
+      x=np.asarray(x),
+      **{f"label_{name}": np.asarray(value) for name, value in labels.items()},
+  )
