@@ -330,8 +330,11 @@ def broadcast_update(num_thresholds: int) -> Callable:
 
 
 def auc(settings: Settings, report: dict[str, Any]) -> None:
-  import keras  # pylint: disable=g-import-not-at-top
-
+  try:
+    import keras  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    keras = None
+    print("keras is not installed (pip install -e '.[bench]'): AUC without it")
   batches = auc_data()
   section, speedup, vs_keras = {}, {}, {}
   for num_thresholds in AUC_THRESHOLDS:
@@ -341,16 +344,6 @@ def auc(settings: Settings, report: dict[str, Any]) -> None:
     def jheads_update(histogram, predictions, labels, weights):
       return histogram + metrics.auc_histogram(
           predictions, labels, weights, num_thresholds=num_thresholds
-      )
-
-    # One Keras AUC: its confusion counts give both curves, and XLA merges
-    # the identical updates of a second (PR) metric anyway.
-    keras_auc = keras.metrics.AUC(num_thresholds=num_thresholds)
-
-    @jax.jit
-    def keras_update(variables, predictions, labels, weights):
-      return keras_auc.stateless_update_state(
-          variables, labels, predictions, sample_weight=weights
       )
 
     baseline_update = broadcast_update(num_thresholds)
@@ -370,18 +363,29 @@ def auc(settings: Settings, report: dict[str, Any]) -> None:
       return block
 
     zeros = jnp.zeros((2, num_thresholds))
-    keras_variables = [v.value for v in keras_auc.variables]
     blocks = {
         "jheads": stream(jheads_update, zeros, batches),
         "broadcast_NxT": stream(baseline_update, zeros, baseline_batches),
-        "keras": stream(keras_update, keras_variables, batches),
     }
+    if keras is not None:
+      # One Keras AUC: its confusion counts give both curves, and XLA merges
+      # the identical updates of a second (PR) metric anyway.
+      keras_auc = keras.metrics.AUC(num_thresholds=num_thresholds)
+
+      @jax.jit
+      def keras_update(variables, predictions, labels, weights, keras_auc=keras_auc):
+        return keras_auc.stateless_update_state(
+            variables, labels, predictions, sample_weight=weights
+        )
+
+      blocks["keras"] = stream(keras_update, [v.value for v in keras_auc.variables], batches)
     for block in blocks.values():
       block()  # compile, and keep the first pass' result for the checks
     agreement = auc_agreement(blocks, num_thresholds, len(baseline_batches) == len(batches))
     times = interleave(blocks, settings.auc_rounds)
     speedup[key] = paired_ratio(times["broadcast_NxT"], times["jheads"])
-    vs_keras[key] = paired_ratio(times["keras"], times["jheads"])
+    if "keras" in times:
+      vs_keras[key] = paired_ratio(times["keras"], times["jheads"])
     section[key] = {
         name: {"ns_per_prediction": median(t), "ns_per_prediction_min": min(t)}
         for name, t in times.items()
@@ -410,12 +414,14 @@ def auc_agreement(blocks, num_thresholds: int, baseline_full: bool) -> dict[str,
   """
   histogram = blocks["jheads"].result
   tp_fp = jnp.stack([jnp.cumsum(histogram[i, ::-1])[::-1] for i in range(2)])
-  keras_tp, keras_fp = blocks["keras"].result[0], blocks["keras"].result[1]
 
   def relative(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
-  out = {"keras": relative(tp_fp, jnp.stack([keras_tp, keras_fp]))}
+  out = {}
+  if "keras" in blocks:
+    keras_tp, keras_fp = blocks["keras"].result[:2]
+    out["keras"] = relative(tp_fp, jnp.stack([keras_tp, keras_fp]))
   if baseline_full:
     out["broadcast_NxT"] = relative(tp_fp, blocks["broadcast_NxT"].result)
   return out
