@@ -7,10 +7,12 @@ with Adam. Three ways to write its training loss:
 * `jheads_loss`: `jheads.multi_head` over T named heads;
 * `hand_loss`: hand-written vectorized JAX, each kind of head's losses in
   one op over a static gather of its logits columns (the performance limit);
-* `loop_loss`: the naive hand-written per-head loop, T small losses.
+* `loop_loss`: the naive hand-written per-head loop, T small losses;
 
-All three take the same batch, `(x, labels)` with labels a dict keyed by head
-name as `multi_head` wants them, and return the same number.
+and `multi_head(..., vectorize=False)`, jheads without grouping. All take the
+same batch, `(x, labels)` with labels a dict keyed by head name as
+`multi_head` wants them, and return the same number. `keras_model` and
+`save_for_estimator` give the peers the same model and data.
 """
 
 from __future__ import annotations

@@ -515,7 +515,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       hlo(report)
   report["seconds"] = time.perf_counter() - start
   print(f"\ntook {report['seconds']:.0f} s")
-  summary = {k: report[k] for k in report if k.endswith(("_ratio", "_speedup")) or k.startswith("auc_vs")}
+  summary = {
+      k: report[k]
+      for k in report
+      if k.endswith(("_ratio", "_speedup")) or k.startswith(("auc_vs", "speedup_over"))
+  }
   print(json.dumps(summary, indent=1))
   if args.json:
     with open(args.json, "w") as f:
