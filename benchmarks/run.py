@@ -19,9 +19,9 @@ Sections (the problem is `benchmarks/problem.py`):
   `keras.metrics.AUC` (jitted, stateless).
 * hlo: op counts of the jitted T = 100 train steps.
 
-Every comparison runs its contenders interleaved, A B A B ..., for several
-rounds, and reports medians; a ratio is the median over rounds of the
-paired per-round ratio, which cancels load that drifts between rounds.
+Every comparison runs its contenders interleaved, A B, B A, A B ..., for
+several rounds, and reports medians; a ratio is the median over rounds of
+the paired per-round ratio, which cancels load that drifts between rounds.
 """
 
 from __future__ import annotations
@@ -79,11 +79,16 @@ FULL = Settings(5, 31, 100, 3, 15, {200: 16, 10_000: 2})
 
 
 def interleave(blocks: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-  """Runs each block once per round, in turn; collects what each returns."""
+  """Runs each block once per round, in turn; collects what each returns.
+
+  Odd rounds run the blocks in reverse (A B, B A, A B, ...), so that no
+  contender always runs first, or always right after the same one.
+  """
   results = {name: [] for name in blocks}
-  for _ in range(rounds):
-    for name, block in blocks.items():
-      results[name].append(block())
+  names = list(blocks)
+  for round_ in range(rounds):
+    for name in names if round_ % 2 == 0 else names[::-1]:
+      results[name].append(blocks[name]())
   return results
 
 
