@@ -178,7 +178,10 @@ def overhead(settings: Settings, report: dict[str, Any]) -> None:
             for c in problem.CONTENDERS
         ],
     )
-    print(f"overhead_ratio (jheads/hand) {ratios[key]:.3f}, compile_ratio {compile_ratios[key]:.3f}")
+    print(
+        f"overhead_ratio (jheads/hand) {ratios[key]:.3f},"
+        f" compile_ratio {compile_ratios[key]:.3f}"
+    )
   report["overhead"] = section
   report["overhead_ratio"] = ratios
   report["compile_ratio"] = compile_ratios
@@ -221,7 +224,9 @@ def find_tf_python(requested: str | None) -> tuple[str | None, str]:
   )
 
 
-def estimator_run(tf_python: str, num_heads: int, batch: problem.Batch, steps: int) -> dict[str, Any]:
+def estimator_run(
+    tf_python: str, num_heads: int, batch: problem.Batch, steps: int
+) -> dict[str, Any]:
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_estimator.py")
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "problem.npz")
@@ -261,7 +266,12 @@ def peers(settings: Settings, report: dict[str, Any], tf_python_arg: str | None)
     speedup["keras"][key] = paired_ratio(times["keras"], times["jheads"])
     rows = [
         ["jheads", f"{median(times['jheads']):.3f}", "", "1.00x"],
-        ["keras", f"{median(times['keras']):.3f}", f"{keras_first:.2f}", f"{speedup['keras'][key]:.2f}x"],
+        [
+            "keras",
+            f"{median(times['keras']):.3f}",
+            f"{keras_first:.2f}",
+            f"{speedup['keras'][key]:.2f}x",
+        ],
     ]
     section[key] = {
         "jheads_ms_per_step": median(times["jheads"]),
@@ -307,7 +317,7 @@ def auc_data(seed: int = 0) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
   predictions = (1 / (1 + np.exp(-scores))).astype(np.float32)
   weights = rng.uniform(0.0, 2.0, AUC_PREDICTIONS).astype(np.float32)
   return [
-      jax.device_put((predictions[i : i + AUC_BATCH], labels[i : i + AUC_BATCH], weights[i : i + AUC_BATCH]))
+      jax.device_put(tuple(a[i : i + AUC_BATCH] for a in (predictions, labels, weights)))
       for i in range(0, AUC_PREDICTIONS, AUC_BATCH)
   ]
 
@@ -401,16 +411,17 @@ def auc(settings: Settings, report: dict[str, Any]) -> None:
           "jheads_ns_per_prediction": median(pair["jheads"]),
           "ratio": ratio,
       }
-      rows += [
-          [f"jheads (beside {rival})", f"{median(pair['jheads']):.2f}", f"{median(pair['jheads']):.1f}", "1.0x"],
-          [rival, f"{median(pair[rival]):.2f}", f"{median(pair[rival]):.1f}", f"{ratio:.1f}x"],
-      ]
+      for name, label, vs in (("jheads", f"jheads (beside {rival})", 1.0), (rival, rival, ratio)):
+        rows.append([label, f"{median(pair[name]):.2f}", f"{median(pair[name]):.1f}", f"{vs:.1f}x"])
     speedup[key] = section[key]["broadcast_NxT"]["ratio"]
     if "keras" in times:
       vs_keras[key] = section[key]["keras"]["ratio"]
-    section[key]["broadcast_NxT"]["predictions_streamed"] = sum(b[0].shape[0] for b in baseline_batches)
+    section[key]["broadcast_NxT"]["predictions_streamed"] = sum(
+        b[0].shape[0] for b in baseline_batches
+    )
     print_table(
-        f"AUC update, T = {num_thresholds} thresholds, N = {AUC_PREDICTIONS:,} in batches of {AUC_BATCH:,}",
+        f"AUC update, T = {num_thresholds} thresholds, N = {AUC_PREDICTIONS:,} in batches"
+        f" of {AUC_BATCH:,}",
         ["update", "ns/prediction", "ms per 1e6", "vs jheads"],
         rows,
     )
@@ -487,7 +498,9 @@ def machine() -> dict[str, Any]:
   try:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     model = next(
-        line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
+        line.split(":", 1)[1].strip()
+        for line in lscpu.splitlines()
+        if line.startswith("Model name")
     )
   except (OSError, subprocess.CalledProcessError, StopIteration):
     pass
@@ -512,7 +525,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   settings = QUICK if args.quick else FULL
   sections = args.sections or [s for s in SECTIONS if s != "peers" or args.peers]
   report: dict[str, Any] = {
-      "command": " ".join(["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])),
+      "command": " ".join(
+          ["python -m benchmarks.run"] + (argv if argv is not None else sys.argv[1:])
+      ),
       "machine": machine(),
       "settings": dataclasses.asdict(settings),
   }
