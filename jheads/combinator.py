@@ -7,6 +7,12 @@ their logits, labels and weights are stacked on a new leading axis and the
 kernel is `jax.vmap`-ed over it. A model with a hundred binary heads thus
 computes one `[100, batch, 1]` loss instead of a hundred small ones, which XLA
 does not merge by itself.
+
+When logits come as one array, they are never cut into one slice per head:
+the gradient of a slice is a pad of the whole array, and a hundred of those
+cost more than the losses. One static gather puts the columns of all grouped
+heads in group order (nothing to gather when like heads are already
+adjacent), and each group takes one slice of that.
 """
 
 from __future__ import annotations
@@ -23,6 +29,20 @@ from jheads import base
 from jheads import metrics
 
 _WHERE = "multi_head"
+
+
+class _Inputs(NamedTuple):
+  """Checked inputs of every head.
+
+  Attributes:
+    per_head: `(logits, labels, weights)` of each head, in head order.
+    groups: head indices of each group of like heads, in head order.
+    group_logits: `a group's indices -> their logits stacked on a leading axis`.
+  """
+
+  per_head: list[tuple[Any, Any, Any]]
+  groups: list[list[int]]
+  group_logits: Callable[[list[int]], Any]
 
 
 class MultiHead(NamedTuple):
@@ -144,31 +164,57 @@ def multi_head(
       )
     return [labels[n] for n in names]
 
-  def checked_inputs(logits, labels, features):
+  def grouping(logits: Any, per_head: list[tuple[Any, Any, Any]]):
+    """The groups, and `indices -> the group's logits stacked on a leading axis`."""
+    groups = _groups(heads, per_head, vectorize)
+    stacked = [g for g in groups if len(g) > 1]
+    if isinstance(logits, Mapping) or not stacked:
+      return groups, lambda indices: _stack([per_head[i][0] for i in indices])
+    columns = [np.stack([np.arange(offsets[i], offsets[i + 1]) for i in g]) for g in stacked]
+    order = np.concatenate([c.ravel() for c in columns])
+    logits = jnp.asarray(logits)
+    if np.array_equal(order, np.arange(order[0], order[0] + order.size)):
+      permuted = logits[..., order[0] : order[0] + order.size]
+    else:
+      permuted = logits[..., order]
+    starts = np.cumsum([0] + [c.size for c in columns])
+    blocks = {tuple(g): (int(s), c.shape) for g, s, c in zip(stacked, starts, columns)}
+
+    def group_logits(indices):
+      start, shape = blocks[tuple(indices)]
+      block = permuted[..., start : start + shape[0] * shape[1]]
+      return jnp.moveaxis(block.reshape(block.shape[:-1] + shape), -2, 0)
+
+    return groups, group_logits
+
+  def checked_inputs(logits, labels, features) -> _Inputs:
     per_head_logits = split_logits(logits)
     per_head_labels = split_labels(labels)
     per_head_weights = [h.kernel.get_weights(features) for h in heads]
     for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
       head.kernel.validate(lo, la, w)
-    return list(zip(per_head_logits, per_head_labels, per_head_weights))
+    per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
+    return _Inputs(per_head, *grouping(logits, per_head))
 
   def evaluate(
-      inputs: list[tuple[Any, ...]],
+      inputs: _Inputs,
       features: Any,
       kernel_fn: Callable[[base.HeadKernel, base.Batch], Any],
   ) -> list[tuple[np.ndarray, Any]]:
     """Runs `kernel_fn` on every head; returns (head indices, stacked outputs) per group."""
     results = []
-    for indices in _groups(heads, inputs, vectorize):
+    for indices in inputs.groups:
       kernel = heads[indices[0]].kernel
       if len(indices) == 1:
-        batch = kernel.prepare(*inputs[indices[0]])._replace(features=features)
+        batch = kernel.prepare(*inputs.per_head[indices[0]])._replace(features=features)
         out = jax.tree.map(lambda x: x[None], kernel_fn(kernel, batch))
       else:
-        stacked = [
-            _stack([inputs[i][part] for i in indices]) for part in range(3)
-        ]
-        out = jax.vmap(lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)))(*stacked)
+        labels = _stack([inputs.per_head[i][1] for i in indices])
+        weights, weights_axis = _stack_or_share([inputs.per_head[i][2] for i in indices])
+        out = jax.vmap(
+            lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)),
+            in_axes=(0, 0, weights_axis),
+        )(inputs.group_logits(indices), labels, weights)
       results.append((np.asarray(indices), out))
     return results
 
@@ -190,10 +236,11 @@ def multi_head(
 
   def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
     weights = _weights_vector(head_weights, default_weights, len(heads))
-    total = 0.0
-    for indices, group_losses in grouped_losses(logits, labels, features, axis_name):
-      total = total + jnp.dot(weights[indices], group_losses)
-    return total
+    groups = grouped_losses(logits, labels, features, axis_name)
+    order = np.concatenate([indices for indices, _ in groups])
+    losses = jnp.concatenate([group_losses for _, group_losses in groups])
+    # HIGHEST: a float32 loss must not go through a bf16 matmul pass on TPU.
+    return jnp.dot(weights[order], losses, precision=jax.lax.Precision.HIGHEST)
 
   def metric_fn(logits, labels, features=None, *, axis_name=None):
     inputs = checked_inputs(logits, labels, features)
@@ -223,12 +270,13 @@ def multi_head(
     for head, lo in zip(heads, per_head_logits):
       head.kernel.validate_logits(lo)
     per_head: list[dict[str, jax.Array]] = [{} for _ in heads]
-    for indices in _groups(heads, [(lo, None, None) for lo in per_head_logits], vectorize):
+    groups, group_logits = grouping(logits, [(lo, None, None) for lo in per_head_logits])
+    for indices in groups:
       kernel = heads[indices[0]].kernel
       if len(indices) == 1:
         per_head[indices[0]] = kernel.predictions(per_head_logits[indices[0]])
         continue
-      out = jax.vmap(kernel.predictions)(_stack([per_head_logits[i] for i in indices]))
+      out = jax.vmap(kernel.predictions)(group_logits(indices))
       for j, i in enumerate(indices):
         per_head[i] = {key: value[j] for key, value in out.items()}
     return {
@@ -336,3 +384,12 @@ def _stack(values: list[Any]) -> Any:
   return jnp.stack([jnp.asarray(v) for v in values])
 
 
+def _stack_or_share(values: list[Any]) -> tuple[Any, int | None]:
+  """Stacks per-head values for `vmap`, unless every head got the very same one.
+
+  Heads that share a weight column get the same array; passing it once
+  (`in_axes=None`) avoids materializing one copy per head.
+  """
+  if all(v is values[0] for v in values):
+    return values[0], None
+  return _stack(values), 0
