@@ -64,6 +64,9 @@ class MultiHead(NamedTuple):
     head_weights: the default head weights.
     head_losses_fn: `(logits, labels, features=None, *, axis_name=None) ->
       dict[head_name, scalar]`, each head's unweighted reduced loss.
+    losses_fn: `(logits, labels, features=None, *, head_weights=None,
+      axis_name=None) -> (loss, head_losses)`: both of the above from one
+      computation, as a train step reports them.
   """
 
   name: str
@@ -74,6 +77,7 @@ class MultiHead(NamedTuple):
   heads: tuple[base.Head, ...]
   head_weights: tuple[float, ...]
   head_losses_fn: Callable[..., dict[str, jax.Array]]
+  losses_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def multi_head(
@@ -227,20 +231,26 @@ def multi_head(
         )
     ]
 
-  def head_losses_fn(logits, labels, features=None, *, axis_name=None):
-    losses = {}
-    for indices, group_losses in grouped_losses(logits, labels, features, axis_name):
-      for j, i in enumerate(indices):
-        losses[names[i]] = group_losses[j]
-    return {n: losses[n] for n in names}
-
-  def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
+  def losses_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
     weights = _weights_vector(head_weights, default_weights, len(heads))
     groups = grouped_losses(logits, labels, features, axis_name)
     order = np.concatenate([indices for indices, _ in groups])
     losses = jnp.concatenate([group_losses for _, group_losses in groups])
     # HIGHEST: a float32 loss must not go through a bf16 matmul pass on TPU.
-    return jnp.dot(weights[order], losses, precision=jax.lax.Precision.HIGHEST)
+    total = jnp.dot(weights[order], losses, precision=jax.lax.Precision.HIGHEST)
+    per_head = {}
+    for indices, group_losses in groups:
+      for j, i in enumerate(indices):
+        per_head[names[i]] = group_losses[j]
+    return total, {n: per_head[n] for n in names}
+
+  def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
+    return losses_fn(
+        logits, labels, features, head_weights=head_weights, axis_name=axis_name
+    )[0]
+
+  def head_losses_fn(logits, labels, features=None, *, axis_name=None):
+    return losses_fn(logits, labels, features, axis_name=axis_name)[1]
 
   def metric_fn(logits, labels, features=None, *, axis_name=None):
     inputs = checked_inputs(logits, labels, features)
@@ -295,6 +305,7 @@ def multi_head(
       heads=heads,
       head_weights=head_weights,
       head_losses_fn=head_losses_fn,
+      losses_fn=losses_fn,
   )
 
 

@@ -158,9 +158,9 @@ def train_loss(
     ['click', 'dwell']
   """
   if isinstance(head, combinator.MultiHead):
-    weights = _head_weights(head, head_weights)
-    head_losses = head.head_losses_fn(logits, labels, features, axis_name=axis_name)
-    loss = jnp.dot(weights, jnp.stack([head_losses[h.name] for h in head.heads]))
+    loss, head_losses = head.losses_fn(
+        logits, labels, features, head_weights=head_weights, axis_name=axis_name
+    )
   else:
     if head_weights is not None:
       raise ValueError(
@@ -350,19 +350,6 @@ def make_predict_step(
     return head.predict_fn(apply_fn(params, features))
 
   return predict_step
-
-
-def _head_weights(head: combinator.MultiHead, head_weights: ArrayLike | None) -> Any:
-  """The weights vector of a multi_head: the override if given, else its defaults."""
-  if head_weights is None:
-    return jnp.asarray(head.head_weights, jnp.float32)
-  weights = jnp.asarray(head_weights)
-  if weights.shape != (len(head.heads),):
-    raise ValueError(
-        f"multi_head: head_weights must have shape ({len(head.heads)},), one per"
-        f" head {[h.name for h in head.heads]}; got shape {weights.shape}."
-    )
-  return weights
 
 
 def _share(value: jax.Array, axis_name: Any) -> jax.Array:
