@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jheads import base
 from jheads import metrics
@@ -88,7 +87,7 @@ def binary_classification_head(
   summation_method = metrics.check_summation_method(where, summation_method)
 
   def unreduced_loss(batch: base.Batch) -> jax.Array:
-    return optax.losses.sigmoid_binary_cross_entropy(batch.logits, batch.labels)
+    return base.sigmoid_cross_entropy(batch.logits, batch.labels)
 
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:
     logits, labels, weights = batch.logits, batch.labels, batch.weights

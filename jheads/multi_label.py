@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jheads import base
 from jheads import metrics
@@ -103,7 +102,7 @@ def multi_label_head(
   )
 
   def unreduced_loss(batch: base.Batch) -> jax.Array:
-    losses = optax.losses.sigmoid_binary_cross_entropy(batch.logits, batch.labels)
+    losses = base.sigmoid_cross_entropy(batch.logits, batch.labels)
     return jnp.mean(losses, axis=-1, keepdims=True)
 
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:

@@ -191,9 +191,7 @@ def logistic_regression_head(
       weight_column=weight_column,
       loss_reduction=loss_reduction,
       custom_loss_fn=None,
-      default_loss=lambda batch: optax.losses.sigmoid_binary_cross_entropy(
-          batch.logits, batch.labels
-      ),
+      default_loss=lambda batch: base.sigmoid_cross_entropy(batch.logits, batch.labels),
       inverse_link_fn=base.sigmoid,
       label_rule=base.LabelRule(
           integer=False,
