@@ -66,7 +66,7 @@ def main():
   def eval_stats(params, x, labels):
     return head.metric_fn(apply(params, x), labels)
 
-  for step in range(300):
+  for _ in range(300):
     batch = rng.integers(0, len(x_train), 128)
     params, opt_state, loss = train_step(
         params, opt_state, x_train[batch], {k: v[batch] for k, v in y_train.items()}

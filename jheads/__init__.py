@@ -17,7 +17,8 @@ Example:
 """
 
 from jheads import export, metrics, training
-from jheads.base import Head, HeadConfig, LossReduction, checked
+from jheads.base import Head, HeadConfig, LossReduction
+from jheads.checks import checked
 from jheads.binary import binary_classification_head
 from jheads.multi_class import multi_class_head
 from jheads.combinator import MultiHead, multi_head

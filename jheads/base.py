@@ -1,4 +1,4 @@
-"""The head interface, loss reductions and the input checks every head shares.
+"""The head interface: the Head spec, its kernel, loss reductions, and the scaffold of every head.
 
 A head is data: a `Head` NamedTuple of pure functions built by a factory, in
 the manner of `optax.GradientTransformation`. Nothing here holds state.
@@ -14,18 +14,17 @@ Two layers of functions live on a head:
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import enum
 import functools
-import inspect
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
+
+from jheads import checks
 
 ArrayLike = jax.typing.ArrayLike
 Features = Mapping[str, Any] | None
@@ -179,217 +178,11 @@ class Head(NamedTuple):
   kernel: HeadKernel
 
 
-# ----------------------------------------------------------------------------
-# Value checks: eager when inputs are concrete, checkify under jit on request.
-
-_VALUE_CHECKS = contextvars.ContextVar("jheads_value_checks", default=False)
-
-
-def checked(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
-  """Makes jheads' value checks (label ranges, finite inputs) work under jit.
-
-  Outside `checked`, value checks run only on concrete inputs (eager calls);
-  under `jax.jit` they cannot raise and are left out. `checked(fn)` traces
-  `fn` with the checks on and functionalizes them with
-  `jax.experimental.checkify`, so `fn` can be jitted and still report them.
-
-  Args:
-    fn: any function that calls head functions, e.g. `head.loss_fn`.
-
-  Returns:
-    A function with `fn`'s arguments returning `(error, fn's output)`; call
-    `error.throw()` to raise the first failed check, if any.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, jheads
-    >>> head = jheads.binary_classification_head()
-    >>> err, loss = jax.jit(jheads.checked(head.loss_fn))(
-    ...     jnp.zeros((2, 1)), jnp.array([[0.0], [2.0]]))
-    >>> err.get()  # doctest: +ELLIPSIS
-    'binary_classification_head: labels must be in [0, 1]...
-  """
-
-  def fn_with_checks(*args, **kwargs):
-    token = _VALUE_CHECKS.set(True)
-    try:
-      return fn(*args, **kwargs)
-    finally:
-      _VALUE_CHECKS.reset(token)
-
-  return checkify.checkify(fn_with_checks, errors=checkify.user_checks)
-
-
-def is_concrete(*values: Any) -> bool:
-  """Whether none of `values` is a tracer, so their values can be read now."""
-  return not any(
-      isinstance(leaf, jax.core.Tracer)
-      for leaf in jax.tree.leaves(values)
-  )
-
-
-def require(
-    ok: Callable[[], ArrayLike],
-    message: str,
-    *operands: Any,
-    detail: Callable[[], str] | None = None,
-) -> None:
-  """Checks a value condition: raises now if `operands` are concrete.
-
-  Args:
-    ok: computes a boolean scalar, true when the values are valid.
-    message: the error message.
-    *operands: the arrays `ok` reads.
-    detail: optionally, eager-only text with the offending values.
-  """
-  if is_concrete(*operands):
-    # Inside a jit trace, jnp ops on constants would be staged, not evaluated.
-    with jax.ensure_compile_time_eval():
-      valid = bool(ok())
-    if not valid:
-      raise ValueError(f"{message} (got {detail()})" if detail else message)
-  elif _VALUE_CHECKS.get():
-    # checkify treats the message as a format string.
-    checkify.check(ok(), message.replace("{", "{{").replace("}", "}}"))
-
-
-# ----------------------------------------------------------------------------
-# Shape and dtype checks, at construction or trace time.
-
-
-def as_array(value: Any) -> Any:
-  """Leaves jax arrays and tracers alone; turns anything else into numpy."""
-  if isinstance(value, (jax.Array, jax.core.Tracer)):
-    return value
-  return np.asarray(value)
-
-
-def _is_string(array: Any) -> bool:
-  return isinstance(array, np.ndarray) and array.dtype.kind in "USO"
-
-
 def compute_dtype(dtype: Any) -> Any:
   """float32, or wider if the input is wider: low precision accumulates in float32."""
   if jnp.issubdtype(dtype, jnp.floating):
     return jnp.promote_types(dtype, jnp.float32)
   return jnp.dtype(jnp.float32)
-
-
-def check_logits(where: str, logits: Any, logits_dim: int) -> Any:
-  """Checks logits are `[D0, ..., DN, logits_dim]` and numeric; returns them as an array."""
-  if logits is None:
-    raise ValueError(f"{where}: logits are required, got None.")
-  logits = as_array(logits)
-  if _is_string(logits) or not (
-      jnp.issubdtype(logits.dtype, jnp.number) or logits.dtype == bool
-  ):
-    raise ValueError(f"{where}: logits must be numeric, got dtype {logits.dtype}.")
-  if logits.ndim < 2 or logits.shape[-1] != logits_dim:
-    raise ValueError(
-        f"{where}: logits must have shape [D0, ..., DN, {logits_dim}] (rank >= 2,"
-        f" last dimension {logits_dim}), got shape {tuple(logits.shape)}."
-    )
-  return logits
-
-
-def check_labels(
-    where: str,
-    labels: Any,
-    logits_shape: tuple[int, ...],
-    label_dim: int,
-    *,
-    integer: bool = False,
-    has_vocabulary: bool = False,
-) -> Any:
-  """Checks labels match logits (rank one less is allowed and expanded)."""
-  if labels is None:
-    raise ValueError(f"{where}: labels are required, got None.")
-  if isinstance(labels, Mapping):
-    raise ValueError(f"{where}: labels must be an array, got a dict.")
-  labels = as_array(labels)
-  if _is_string(labels):
-    hint = (
-        "map them to ids on the host first with jheads.encode_labels(head, labels)"
-        if has_vocabulary
-        else "string labels need a label_vocabulary"
-    )
-    raise ValueError(f"{where}: labels are strings; {hint}.")
-  if not (jnp.issubdtype(labels.dtype, jnp.number) or labels.dtype == bool):
-    raise ValueError(f"{where}: labels must be numeric, got dtype {labels.dtype}.")
-  if integer and not (
-      jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == bool
-  ):
-    raise ValueError(
-        f"{where}: labels must be integer class ids, got dtype {labels.dtype}."
-    )
-  expected = tuple(logits_shape[:-1]) + (label_dim,)
-  shape = tuple(labels.shape)
-  if shape != expected and shape != expected[:-1]:
-    alternatives = f"{expected}" + (f" or {expected[:-1]}" if label_dim == 1 else "")
-    raise ValueError(
-        f"{where}: labels shape {shape} does not match logits shape"
-        f" {tuple(logits_shape)}; expected {alternatives}."
-    )
-  if shape == expected[:-1] and label_dim != 1:
-    raise ValueError(
-        f"{where}: labels shape {shape} does not match logits shape"
-        f" {tuple(logits_shape)}; expected {expected}."
-    )
-  return labels
-
-
-def fetch_weights(where: str, features: Features, weight_column: Any) -> Any:
-  """Looks up the example weights named by `weight_column` in `features`."""
-  if weight_column is None:
-    return None
-  if callable(weight_column):
-    weights = weight_column(features)
-  else:
-    if features is None or weight_column not in features:
-      present = sorted(features) if features is not None else []
-      raise ValueError(
-          f"{where}: weight_column {weight_column!r} is missing from features"
-          f" (keys: {present})."
-      )
-    weights = features[weight_column]
-  if weights is None:
-    raise ValueError(f"{where}: weights from {weight_column!r} are None.")
-  return weights
-
-
-def check_weights(
-    where: str, weights: Any, logits_shape: tuple[int, ...], *, per_logit: bool
-) -> Any:
-  """Checks weights are `[D0..DN]`, `[D0..DN, 1]` (or `[D0..DN, d]` per logit)."""
-  if weights is None:
-    return None
-  weights = as_array(weights)
-  if _is_string(weights) or not (
-      jnp.issubdtype(weights.dtype, jnp.number) or weights.dtype == bool
-  ):
-    raise ValueError(f"{where}: weights must be numeric, got dtype {weights.dtype}.")
-  batch = tuple(logits_shape[:-1])
-  allowed = [batch, batch + (1,)]
-  if per_logit and logits_shape[-1] != 1:
-    allowed.append(tuple(logits_shape))
-  if tuple(weights.shape) not in allowed:
-    raise ValueError(
-        f"{where}: weights shape {tuple(weights.shape)} does not match logits"
-        f" shape {tuple(logits_shape)}; expected "
-        + " or ".join(str(s) for s in allowed)
-        + "."
-    )
-  return weights
-
-
-def require_finite(where: str, what: str, array: Any) -> None:
-  """Raises (eagerly, or under `checked`) if `array` holds NaN or infinity."""
-  if array is None:
-    return
-  require(
-      lambda: jnp.all(jnp.isfinite(jnp.asarray(array))),
-      f"{where}: {what} must be finite (no NaN or infinity)",
-      array,
-  )
 
 
 def broadcast_weights(weights: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -483,32 +276,6 @@ def reduce_loss(terms: LossTerms, axis_name: Any = None) -> jax.Array:
   return safe_divide(terms.total, denominator)
 
 
-def validate_loss_fn(where: str, loss_fn: Callable[..., Any] | None) -> bool:
-  """Checks a custom `loss_fn(labels, logits[, features])`; returns whether it takes features."""
-  if loss_fn is None:
-    return False
-  if not callable(loss_fn):
-    raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}.")
-  parameters = inspect.signature(loss_fn).parameters
-  takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-  names = {
-      n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-  }
-  for required_name in ("labels", "logits"):
-    if required_name not in names and not takes_kwargs:
-      raise ValueError(
-          f"{where}: loss_fn must take an argument named {required_name!r};"
-          f" it takes {sorted(names)}."
-      )
-  unexpected = names - {"labels", "logits", "features"}
-  if unexpected:
-    raise ValueError(
-        f"{where}: loss_fn has unexpected arguments {sorted(unexpected)};"
-        " allowed are labels, logits and features."
-    )
-  return "features" in names or takes_kwargs
-
-
 def call_loss_fn(
     where: str,
     loss_fn: Callable[..., Any],
@@ -530,54 +297,6 @@ def call_loss_fn(
 
 # ----------------------------------------------------------------------------
 # Factory helpers.
-
-
-def check_name(name: Any, kind: str) -> str | None:
-  if name is None:
-    return None
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"{kind}_head: name must be a non-empty string or None, got {name!r}.")
-  return name
-
-
-def check_vocabulary(
-    where: str, label_vocabulary: Any, n_classes: int
-) -> tuple[str, ...] | None:
-  """Validates a label vocabulary: a list or tuple of n_classes distinct strings."""
-  if label_vocabulary is None:
-    return None
-  if not isinstance(label_vocabulary, (list, tuple)):
-    raise ValueError(
-        f"{where}: label_vocabulary must be a list or tuple of strings, got"
-        f" {type(label_vocabulary).__name__}."
-    )
-  if len(label_vocabulary) != n_classes:
-    raise ValueError(
-        f"{where}: label_vocabulary has {len(label_vocabulary)} entries but"
-        f" n_classes is {n_classes}."
-    )
-  if not all(isinstance(v, str) for v in label_vocabulary):
-    raise ValueError(f"{where}: label_vocabulary entries must be strings.")
-  if len(set(label_vocabulary)) != len(label_vocabulary):
-    raise ValueError(f"{where}: label_vocabulary has duplicate entries.")
-  return tuple(label_vocabulary)
-
-
-def check_thresholds(where: str, thresholds: Any) -> tuple[float, ...]:
-  """Validates extra decision thresholds: floats strictly inside (0, 1)."""
-  if thresholds is None:
-    return ()
-  values = tuple(float(t) for t in thresholds)
-  for t in values:
-    if not 0.0 < t < 1.0:
-      raise ValueError(f"{where}: thresholds must be in (0, 1), got {t}.")
-  return values
-
-
-def check_num_thresholds(where: str, num_thresholds: Any) -> int:
-  if not isinstance(num_thresholds, int) or num_thresholds < 2:
-    raise ValueError(f"{where}: num_thresholds must be an int >= 2, got {num_thresholds!r}.")
-  return num_thresholds
 
 
 def suffix_keys(stats: Stats, name: str | None) -> Stats:
@@ -664,21 +383,21 @@ def standard_kernel(
     logits_check: optional family-specific value check on logits.
   """
   where = config.description
-  takes_features = validate_loss_fn(where, custom_loss_fn)
+  takes_features = checks.validate_loss_fn(where, custom_loss_fn)
 
   def get_weights(features):
-    return fetch_weights(where, features, config.weight_column)
+    return checks.fetch_weights(where, features, config.weight_column)
 
   def validate_logits(logits):
-    logits = check_logits(where, logits, config.logits_dim)
-    require_finite(where, "logits", logits)
+    logits = checks.check_logits(where, logits, config.logits_dim)
+    checks.require_finite(where, "logits", logits)
     if logits_check is not None:
       logits_check(where, logits)
 
   def validate(logits, labels, weights):
     validate_logits(logits)
     logits_shape = tuple(np.shape(logits))
-    labels = check_labels(
+    labels = checks.check_labels(
         where,
         labels,
         logits_shape,
@@ -686,15 +405,15 @@ def standard_kernel(
         integer=label_rule.integer,
         has_vocabulary=config.label_vocabulary is not None,
     )
-    weights = check_weights(where, weights, logits_shape, per_logit=per_logit_weights)
+    weights = checks.check_weights(where, weights, logits_shape, per_logit=per_logit_weights)
     if label_rule.ok is not None:
-      require(
+      checks.require(
           lambda: label_rule.ok(jnp.asarray(labels)),
           f"{where}: labels must be {label_rule.message}",
           labels,
-          detail=lambda: _describe_values(labels),
+          detail=lambda: checks.describe_values(labels),
       )
-    require_finite(where, "weights", weights)
+    checks.require_finite(where, "weights", weights)
 
   def prepare(logits, labels, weights):
     logits = jnp.asarray(logits)
@@ -739,11 +458,3 @@ def standard_kernel(
       predictions=kernel_predictions,
       group_key=group_key,
   )
-
-
-def _describe_values(labels: Any) -> str:
-  values = np.unique(np.asarray(labels))
-  shown = ", ".join(f"{v:g}" if np.issubdtype(values.dtype, np.number) else str(v)
-                    for v in values[:8])
-  more = ", ..." if values.size > 8 else ""
-  return f"values {{{shown}{more}}}"

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jheads import base
+from jheads import checks
 from jheads import metrics
 
 KIND = "binary_classification"
@@ -71,19 +72,19 @@ def binary_classification_head(
     >>> float(jheads.metrics.compute(stats)["accuracy"])
     0.5
   """
-  name = base.check_name(name, KIND)
+  name = checks.check_name(name, KIND)
   where = base.describe(KIND, name)
   config = base.HeadConfig(
       kind=KIND,
       name=name,
       logits_dim=1,
       n_classes=2,
-      label_vocabulary=base.check_vocabulary(where, label_vocabulary, 2),
-      thresholds=base.check_thresholds(where, thresholds),
+      label_vocabulary=checks.check_vocabulary(where, label_vocabulary, 2),
+      thresholds=checks.check_thresholds(where, thresholds),
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
   )
-  num_thresholds = base.check_num_thresholds(where, num_thresholds)
+  num_thresholds = checks.check_num_thresholds(where, num_thresholds)
   summation_method = metrics.check_summation_method(where, summation_method)
 
   def unreduced_loss(batch: base.Batch) -> jax.Array:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jheads import base
+from jheads import checks
 from jheads import metrics
 
 _WHERE = "multi_head"
@@ -144,7 +145,7 @@ def multi_head(
             f" {sorted(logits)}."
         )
       return [logits[n] for n in names]
-    logits = base.as_array(logits)
+    logits = checks.as_array(logits)
     if logits.ndim < 2 or logits.shape[-1] != total_dim:
       raise ValueError(
           f"{_WHERE}: cannot split logits of shape {tuple(logits.shape)} among"

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jheads import base
+from jheads import checks
 from jheads import metrics
 
 KIND = "multi_class"
@@ -65,14 +66,14 @@ def multi_class_head(
         f"multi_class_head: n_classes must be > 2, got {n_classes}; use"
         " binary_classification_head for two classes."
     )
-  name = base.check_name(name, KIND)
+  name = checks.check_name(name, KIND)
   where = base.describe(KIND, name)
   config = base.HeadConfig(
       kind=KIND,
       name=name,
       logits_dim=n_classes,
       n_classes=n_classes,
-      label_vocabulary=base.check_vocabulary(where, label_vocabulary, n_classes),
+      label_vocabulary=checks.check_vocabulary(where, label_vocabulary, n_classes),
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
   )

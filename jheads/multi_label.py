@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jheads import base
+from jheads import checks
 from jheads import metrics
 
 KIND = "multi_label"
@@ -81,20 +82,20 @@ def multi_label_head(
     raise ValueError(f"multi_label_head: n_classes must be an int >= 2, got {n_classes!r}.")
   if n_classes < 2:
     raise ValueError(f"multi_label_head: n_classes must be >= 2, got {n_classes}.")
-  name = base.check_name(name, KIND)
+  name = checks.check_name(name, KIND)
   where = base.describe(KIND, name)
-  vocabulary = base.check_vocabulary(where, label_vocabulary, n_classes)
+  vocabulary = checks.check_vocabulary(where, label_vocabulary, n_classes)
   config = base.HeadConfig(
       kind=KIND,
       name=name,
       logits_dim=n_classes,
       n_classes=n_classes,
       label_vocabulary=vocabulary,
-      thresholds=base.check_thresholds(where, thresholds),
+      thresholds=checks.check_thresholds(where, thresholds),
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
   )
-  num_thresholds = base.check_num_thresholds(where, num_thresholds)
+  num_thresholds = checks.check_num_thresholds(where, num_thresholds)
   summation_method = metrics.check_summation_method(where, summation_method)
   class_ids = _class_ids(where, classes_for_class_based_metrics, n_classes, vocabulary)
   class_keys = tuple(

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from jheads import base
+from jheads import checks
 from jheads import metrics
 
 REGRESSION = "regression"
@@ -209,7 +210,7 @@ def _squared_error(batch: base.Batch) -> jax.Array:
 def _check_exp_overflow(where: str, logits: Any) -> None:
   dtype = base.compute_dtype(logits.dtype)
   bound = float(np.log(np.finfo(dtype).max))
-  base.require(
+  checks.require(
       lambda: jnp.all(jnp.asarray(logits, dtype) < bound),
       f"{where}: logits must be below {bound:.4g}: exp(logits) overflows {dtype}",
       logits,
@@ -230,7 +231,7 @@ def _regression(
     static_options: tuple[Any, ...] = (),
     logits_check: Callable[[str, Any], None] | None = None,
 ) -> base.Head:
-  name = base.check_name(name, kind)
+  name = checks.check_name(name, kind)
   where = base.describe(kind, name)
   if (
       isinstance(label_dimension, bool)
