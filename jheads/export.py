@@ -196,24 +196,18 @@ def _class_rules(head: AnyHead) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def _head_class_rules(head: base.Head) -> dict[str, dict[str, dict[str, Any]]]:
-  if vocab.class_names(head) is None:
+  predict = vocab.class_outputs(head)
+  if not predict:
     return {DEFAULT_SERVING_KEY: {}, PREDICT_SERVING_KEY: {}}
 
-  def rule(mode: str, source: str) -> dict[str, Any]:
-    return {"head": head.name, "mode": mode, "from": source}
+  def rule(output: vocab.ClassOutput) -> dict[str, Any]:
+    return {"head": head.name, "mode": output.mode, "from": output.source}
 
-  scores = {"classes": rule("all", "scores")}
-  if head.config.kind == _MULTI_LABEL:
-    predict = {"classes": rule("all", "probabilities")}
-  else:
-    predict = {
-        "classes": rule("lookup", "class_ids"),
-        "all_classes": rule("all", "probabilities"),
-    }
+  scores = {"classes": rule(vocab.ClassOutput("all", "scores"))}
   return {
       DEFAULT_SERVING_KEY: scores,
       CLASSIFY_SERVING_KEY: dict(scores),
-      PREDICT_SERVING_KEY: predict,
+      PREDICT_SERVING_KEY: {key: rule(output) for key, output in predict.items()},
   }
 
 
@@ -230,12 +224,8 @@ def _add_classes(
     names: Mapping[str | None, np.ndarray],
 ) -> dict[str, np.ndarray]:
   for key, rule in rules.items():
-    head_names = names[rule["head"]]
-    source = outputs[rule["from"]]
-    if rule["mode"] == "lookup":
-      outputs[key] = head_names[source]
-    else:
-      outputs[key] = np.broadcast_to(head_names, source.shape)
+    output = vocab.ClassOutput(rule["mode"], rule["from"])
+    outputs[key] = output.render(names[rule["head"]], outputs[rule["from"]])
   return outputs
 
 

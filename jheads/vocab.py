@@ -9,7 +9,7 @@ the step; `decode_predictions` adds the class-name outputs (`classes`,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -110,17 +110,39 @@ def decode_predictions(
     return decoded
   decoded = {key: np.asarray(value) for key, value in predictions.items()}
   names = class_names(head)
-  if names is None:
-    return decoded
-  names_array = np.asarray(names)
-  logits = decoded.get("logits", decoded.get("probabilities"))
-  all_classes = np.broadcast_to(names_array, logits.shape[:-1] + (len(names),))
-  if head.config.kind == "multi_label":
-    decoded["classes"] = all_classes
-  else:
-    decoded["classes"] = names_array[decoded["class_ids"]]
-    decoded["all_classes"] = all_classes
+  for key, output in class_outputs(head).items():
+    decoded[key] = output.render(np.asarray(names), decoded[output.source])
   return decoded
+
+
+class ClassOutput(NamedTuple):
+  """A string output made on the host from a numeric one and the class names.
+
+  Attributes:
+    mode: ``"lookup"`` maps the class ids in `source` to names;
+      ``"all"`` broadcasts every class name to `source`'s shape.
+    source: the numeric output it is made from.
+  """
+
+  mode: str
+  source: str
+
+  def render(self, names: np.ndarray, source: np.ndarray) -> np.ndarray:
+    if self.mode == "lookup":
+      return names[source]
+    return np.broadcast_to(names, source.shape)
+
+
+def class_outputs(head: base.Head) -> dict[str, ClassOutput]:
+  """The class-name outputs a head's predictions gain on the host (TF's `classes`...)."""
+  if class_names(head) is None:
+    return {}
+  if head.config.kind == "multi_label":
+    return {"classes": ClassOutput("all", "probabilities")}
+  return {
+      "classes": ClassOutput("lookup", "class_ids"),
+      "all_classes": ClassOutput("all", "probabilities"),
+  }
 
 
 def _lookup(where: str, labels: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
