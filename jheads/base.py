@@ -309,18 +309,24 @@ def suffix_keys(stats: Stats, name: str | None) -> Stats:
 def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
   """Builds the public functions of a head from its kernel."""
 
+  where = config.description
+
   def loss_fn(logits, labels, features=None, *, axis_name=None):
     weights = kernel.get_weights(features)
     kernel.validate(logits, labels, weights)
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
-    return reduce_loss(kernel.loss_terms(batch), axis_name)
+    loss = reduce_loss(kernel.loss_terms(batch), axis_name)
+    checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
+    return loss
 
   def metric_fn(logits, labels, features=None, *, axis_name=None):
     del axis_name  # A single head's statistics are already additive shares.
     weights = kernel.get_weights(features)
     kernel.validate(logits, labels, weights)
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
-    return suffix_keys(kernel.statistics(batch), config.name)
+    stats = kernel.statistics(batch)
+    checks.require_finite(where, "the metric statistics", stats, hint=checks.OVERFLOW_HINT)
+    return suffix_keys(stats, config.name)
 
   def predict_fn(logits):
     kernel.validate_logits(logits)

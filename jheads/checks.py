@@ -181,6 +181,11 @@ def fetch_weights(where: str, features: Mapping[str, Any] | None, weight_column:
   """Looks up the example weights named by `weight_column` in `features`."""
   if weight_column is None:
     return None
+  if features is not None and not isinstance(features, Mapping):
+    raise ValueError(
+        f"{where}: features must be a dict holding the weight column"
+        f" {weight_column!r}, got {type(features).__name__}."
+    )
   if callable(weight_column):
     weights = weight_column(features)
   else:
@@ -221,15 +226,20 @@ def check_weights(
   return weights
 
 
-def require_finite(where: str, what: str, array: Any) -> None:
-  """Raises (eagerly, or under `checked`) if `array` holds NaN or infinity."""
-  if array is None:
+def require_finite(where: str, what: str, values: Any, *, hint: str = "") -> None:
+  """Raises (eagerly, or under `checked`) if any array in `values` holds NaN or infinity."""
+  leaves = jax.tree.leaves(values)
+  if not leaves:
     return
   require(
-      lambda: jnp.all(jnp.isfinite(jnp.asarray(array))),
-      f"{where}: {what} must be finite (no NaN or infinity)",
-      array,
+      lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(x))) for x in leaves])),
+      f"{where}: {what} must be finite (no NaN or infinity){hint}",
+      *leaves,
   )
+
+
+OVERFLOW_HINT = "; do the logits or labels overflow float32?"
+"""Why a loss computed from finite inputs can still be infinite."""
 
 
 # ----------------------------------------------------------------------------
@@ -297,7 +307,14 @@ def check_thresholds(where: str, thresholds: Any) -> tuple[float, ...]:
   """Validates extra decision thresholds: floats strictly inside (0, 1)."""
   if thresholds is None:
     return ()
-  values = tuple(float(t) for t in thresholds)
+  if isinstance(thresholds, (int, float)):
+    thresholds = (thresholds,)
+  try:
+    values = tuple(float(t) for t in thresholds)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"{where}: thresholds must be floats in (0, 1), got {thresholds!r}."
+    ) from None
   for t in values:
     if not 0.0 < t < 1.0:
       raise ValueError(f"{where}: thresholds must be in (0, 1), got {t}.")

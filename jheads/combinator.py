@@ -18,6 +18,7 @@ adjacent), and each group takes one slice of that.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
 
@@ -242,8 +243,11 @@ def multi_head(
     per_head = {}
     for indices, group_losses in groups:
       for j, i in enumerate(indices):
-        per_head[names[i]] = group_losses[j]
-    return total, {n: per_head[n] for n in names}
+        per_head[i] = group_losses[j]
+        checks.require_finite(
+            heads[i].config.description, "the loss", per_head[i], hint=checks.OVERFLOW_HINT
+        )
+    return total, {names[i]: per_head[i] for i in range(len(heads))}
 
   def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
     return losses_fn(
@@ -268,9 +272,12 @@ def multi_head(
         loss_stats[f"loss/{names[i]}"] = metrics.Ratio(
             group_losses[j], jnp.asarray(count, group_losses.dtype)
         )
-        head_stats[i] = base.suffix_keys(
-            jax.tree.map(lambda x, j=j: x[j], stats), names[i]
+        own_stats = jax.tree.map(lambda x, j=j: x[j], stats)
+        checks.require_finite(
+            heads[i].config.description, "the metric statistics", own_stats,
+            hint=checks.OVERFLOW_HINT,
         )
+        head_stats[i] = base.suffix_keys(own_stats, names[i])
     merged = {f"loss/{n}": loss_stats[f"loss/{n}"] for n in names}
     for i in range(len(heads)):
       merged.update(head_stats[i])
@@ -332,6 +339,8 @@ def _flatten(
       head_weights = [float(w) for w in head_weights]
     except (TypeError, ValueError):
       raise ValueError(f"{_WHERE}: head_weights must be numbers, got {head_weights!r}.") from None
+    if not all(math.isfinite(w) for w in head_weights):
+      raise ValueError(f"{_WHERE}: head_weights must be finite, got {head_weights}.")
   flat_heads, flat_weights = [], []
   for position, (head, weight) in enumerate(zip(heads, head_weights)):
     if isinstance(head, MultiHead):
@@ -366,6 +375,7 @@ def _weights_vector(head_weights: Any, default: tuple[float, ...], n: int) -> An
         f"{_WHERE}: head_weights must have shape ({n},), one per head; got"
         f" shape {weights.shape}."
     )
+  checks.require_finite(_WHERE, "head_weights", weights)
   return weights
 
 

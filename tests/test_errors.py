@@ -250,3 +250,69 @@ def test_closed_over_concrete_labels_are_still_checked_inside_jit():
   bad = np.array([[2.0], [0.0]], F32)
   with pytest.raises(ValueError, match=r"head 'clicks': labels must be in \[0, 1\]"):
     jax.jit(lambda logits: head.loss_fn(logits, bad))(jnp.zeros((2, 1)))
+
+
+# ---------------------------------------------------------------------------- extreme inputs
+
+
+def test_losses_that_overflow_float32_raise_instead_of_returning_infinity():
+  head = jheads.regression_head(name="mass")
+  logits, labels = np.zeros((2, 1), F32), np.full((2, 1), 1e30, F32)
+  message = r"head 'mass': the loss must be finite \(no NaN or infinity\); do the logits or labels overflow float32\?"
+  with pytest.raises(ValueError, match=message):
+    head.loss_fn(logits, labels)
+  with pytest.raises(ValueError, match=message):
+    jheads.multi_head([head]).loss_fn(logits, {"mass": labels})
+  with pytest.raises(ValueError, match=r"head 'mass': the metric statistics must be finite"):
+    head.metric_fn(logits, labels)
+  with pytest.raises(ValueError, match=r"head 'mass': the metric statistics must be finite"):
+    jheads.multi_head([head]).metric_fn(logits, {"mass": labels})
+  error, _ = jax.jit(jheads.checked(head.loss_fn))(logits, labels)
+  assert "head 'mass': the loss must be finite" in error.get()
+
+
+def test_head_weights_must_be_finite():
+  head = jheads.regression_head(name="r")
+  with pytest.raises(ValueError, match=r"multi_head: head_weights must be finite, got \[nan\]"):
+    jheads.multi_head([head], head_weights=[float("nan")])
+  with pytest.raises(ValueError, match=r"multi_head: head_weights must be finite"):
+    jheads.multi_head([head]).loss_fn(np.zeros((2, 1), F32), {"r": np.zeros(2, F32)}, head_weights=np.array([np.inf]))
+
+
+def test_thresholds_accept_one_float_and_reject_non_numbers():
+  assert binary(thresholds=0.5).config.thresholds == (0.5,)
+  with pytest.raises(ValueError, match=r"head 'clicks': thresholds must be floats in \(0, 1\), got 'high'"):
+    binary(thresholds="high")
+
+
+def test_features_must_be_a_dict_when_a_weight_column_is_read():
+  with pytest.raises(ValueError, match=r"head 'clicks': features must be a dict holding the weight column 'w', got ndarray"):
+    binary(weight_column="w").loss_fn(LOGITS, LABELS, np.ones(2, F32))
+
+
+@pytest.mark.parametrize("reduction", list(jheads.LossReduction))
+def test_an_empty_batch_gives_zeros(reduction):
+  head = jheads.multi_head(
+      [
+          jheads.binary_classification_head(name="a", loss_reduction=reduction, thresholds=[0.5]),
+          jheads.multi_class_head(3, name="b", loss_reduction=reduction),
+          jheads.regression_head(name="c", loss_reduction=reduction),
+      ]
+  )
+  logits = np.zeros((0, 5), F32)
+  labels = {"a": np.zeros(0, F32), "b": np.zeros(0, np.int32), "c": np.zeros(0, F32)}
+  assert float(head.loss_fn(logits, labels)) == 0.0
+  for key, value in jheads.metrics.compute(head.metric_fn(logits, labels)).items():
+    assert float(value) == 0.0, key
+  assert head.predict_fn(logits)[("b", "probabilities")].shape == (0, 3)
+
+
+def test_plain_python_lists_and_other_dtypes_are_accepted():
+  head = jheads.multi_class_head(3)
+  np.testing.assert_allclose(head.loss_fn([[0, 0, 0], [0, 0, 0]], [0, 2]), np.log(3.0), rtol=1e-6)
+  np.testing.assert_allclose(
+      head.loss_fn(np.zeros((2, 3), np.int32), np.array([0, 2], np.int64)), np.log(3.0), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      binary().loss_fn(np.zeros((2, 1), np.float64), np.array([[True], [False]])), np.log(2.0), rtol=1e-6
+  )
