@@ -266,6 +266,14 @@ def loss_terms(
   return LossTerms(total, denominator)
 
 
+def shard_share(value: ArrayLike, axis_name: Any = None) -> jax.Array:
+  """One shard's share of a value every shard holds: their sum over the axis is `value`."""
+  value = jnp.asarray(value)
+  if axis_name is None:
+    return value
+  return value / jax.lax.axis_size(axis_name)
+
+
 def reduce_loss(terms: LossTerms, axis_name: Any = None) -> jax.Array:
   """Divides out a loss; with `axis_name`, by the denominator of the whole batch."""
   if terms.denominator is None:

@@ -264,13 +264,13 @@ def multi_head(
       return kernel.loss_terms(batch), kernel.statistics(batch)
 
     # One batch counts once however many shards it is split over.
-    count = 1.0 if axis_name is None else 1.0 / jax.lax.psum(1, axis_name)
+    count = base.shard_share(1.0, axis_name)
     loss_stats, head_stats = {}, {}
     for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics):
       group_losses = base.reduce_loss(terms, axis_name)
       for j, i in enumerate(indices):
         loss_stats[f"loss/{names[i]}"] = metrics.Ratio(
-            group_losses[j], jnp.asarray(count, group_losses.dtype)
+            group_losses[j], count.astype(group_losses.dtype)
         )
         own_stats = jax.tree.map(lambda x, j=j: x[j], stats)
         checks.require_finite(

@@ -172,7 +172,7 @@ def train_loss(
   if regularization_loss is not None:
     # Parameters are the same on every shard: each adds its share so that the
     # sum over shards counts the penalty once.
-    regularization_loss = _share(jnp.asarray(regularization_loss), axis_name)
+    regularization_loss = base.shard_share(regularization_loss, axis_name)
     loss = loss + regularization_loss
   stats = None
   if with_metrics:
@@ -309,7 +309,7 @@ def make_eval_step(
     if regularization_fn is not None:
       regularization = jnp.asarray(regularization_fn(params))
       # One batch counts once in the mean, however many shards share it.
-      count = _share(jnp.ones((), regularization.dtype), axis_name)
+      count = base.shard_share(jnp.ones((), regularization.dtype), axis_name)
       stats[REGULARIZATION_LOSS] = metrics.Ratio(regularization * count, count)
     if axis_name is not None:
       stats = jax.lax.psum(stats, axis_name)
@@ -350,13 +350,6 @@ def make_predict_step(
     return head.predict_fn(apply_fn(params, features))
 
   return predict_step
-
-
-def _share(value: jax.Array, axis_name: Any) -> jax.Array:
-  """A replicated value's share on one shard: its sum over the axis is `value`."""
-  if axis_name is None:
-    return value
-  return value / jax.lax.axis_size(axis_name)
 
 
 def _per_shard(tree: Any, axis_name: Any) -> Any:

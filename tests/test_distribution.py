@@ -1,8 +1,6 @@
 """Heads on 8 simulated devices: sharded jit (Explicit and Auto axes), shard_map and pmap
 give the single-device numbers."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -104,20 +102,31 @@ def test_sharded_jit(axis_type, reduction):
   assert_same(expected, got)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_shard_map(reduction):
-  head, logits, labels, features = make_problem(reduction)
-  expected = single_device(head, logits, labels, features)
-  mesh = jax.make_mesh((N_DEVICES,), ("batch",))
+def per_shard_step(head):
+  """One shard's step: loss and gradient shares, statistics psum'd over the axis."""
 
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("batch"), out_specs=(P(), P("batch"), P(), P("batch")))
   def step(logits, labels, features):
     loss, grads = jax.value_and_grad(
         lambda lo: head.loss_fn(lo, labels, features, axis_name="batch")
     )(logits)
     stats = jax.lax.psum(head.metric_fn(logits, labels, features, axis_name="batch"), "batch")
     return jax.lax.psum(loss, "batch"), grads, metrics.compute(stats), head.predict_fn(logits)
+
+  return step
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_shard_map(reduction):
+  head, logits, labels, features = make_problem(reduction)
+  expected = single_device(head, logits, labels, features)
+  mesh = jax.make_mesh((N_DEVICES,), ("batch",))
+
+  step = jax.jit(
+      jax.shard_map(
+          per_shard_step(head), mesh=mesh, in_specs=P("batch"),
+          out_specs=(P(), P("batch"), P(), P("batch")),
+      )
+  )
 
   sharded = jax.device_put((logits, labels, features), NamedSharding(mesh, P("batch")))
   assert_same(expected, step(*sharded))
@@ -129,13 +138,7 @@ def test_pmap(reduction):
   expected = single_device(head, logits, labels, features)
   per_device = lambda x: x.reshape((N_DEVICES, BATCH // N_DEVICES) + x.shape[1:])
 
-  @functools.partial(jax.pmap, axis_name="batch")
-  def step(logits, labels, features):
-    loss, grads = jax.value_and_grad(
-        lambda lo: head.loss_fn(lo, labels, features, axis_name="batch")
-    )(logits)
-    stats = jax.lax.psum(head.metric_fn(logits, labels, features, axis_name="batch"), "batch")
-    return jax.lax.psum(loss, "batch"), grads, metrics.compute(stats), head.predict_fn(logits)
+  step = jax.pmap(per_shard_step(head), axis_name="batch")
 
   loss, grads, values, predictions = step(*jax.tree.map(per_device, (logits, labels, features)))
   assert_same(expected, (loss[0], grads, jax.tree.map(lambda v: v[0], values), predictions))
