@@ -114,14 +114,16 @@ def _is_string(array: Any) -> bool:
   return isinstance(array, np.ndarray) and array.dtype.kind in "USO"
 
 
+def _is_numeric(array: Any) -> bool:
+  return jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool
+
+
 def check_logits(where: str, logits: Any, logits_dim: int) -> Any:
   """Checks logits are `[D0, ..., DN, logits_dim]` and numeric; returns them as an array."""
   if logits is None:
     raise ValueError(f"{where}: logits are required, got None.")
   logits = as_array(logits)
-  if _is_string(logits) or not (
-      jnp.issubdtype(logits.dtype, jnp.number) or logits.dtype == bool
-  ):
+  if not _is_numeric(logits):
     raise ValueError(f"{where}: logits must be numeric, got dtype {logits.dtype}.")
   if logits.ndim < 2 or logits.shape[-1] != logits_dim:
     raise ValueError(
@@ -140,7 +142,7 @@ def check_labels(
     integer: bool = False,
     has_vocabulary: bool = False,
 ) -> Any:
-  """Checks labels match logits (rank one less is allowed and expanded)."""
+  """Checks labels match logits; a last axis of 1 may be dropped."""
   if labels is None:
     raise ValueError(f"{where}: labels are required, got None.")
   if isinstance(labels, Mapping):
@@ -153,7 +155,7 @@ def check_labels(
         else "string labels need a label_vocabulary"
     )
     raise ValueError(f"{where}: labels are strings; {hint}.")
-  if not (jnp.issubdtype(labels.dtype, jnp.number) or labels.dtype == bool):
+  if not _is_numeric(labels):
     raise ValueError(f"{where}: labels must be numeric, got dtype {labels.dtype}.")
   if integer and not (
       jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == bool
@@ -162,17 +164,11 @@ def check_labels(
         f"{where}: labels must be integer class ids, got dtype {labels.dtype}."
     )
   expected = tuple(logits_shape[:-1]) + (label_dim,)
-  shape = tuple(labels.shape)
-  if shape != expected and shape != expected[:-1]:
-    alternatives = f"{expected}" + (f" or {expected[:-1]}" if label_dim == 1 else "")
+  allowed = [expected, expected[:-1]] if label_dim == 1 else [expected]
+  if tuple(labels.shape) not in allowed:
     raise ValueError(
-        f"{where}: labels shape {shape} does not match logits shape"
-        f" {tuple(logits_shape)}; expected {alternatives}."
-    )
-  if shape == expected[:-1] and label_dim != 1:
-    raise ValueError(
-        f"{where}: labels shape {shape} does not match logits shape"
-        f" {tuple(logits_shape)}; expected {expected}."
+        f"{where}: labels shape {tuple(labels.shape)} does not match logits shape"
+        f" {tuple(logits_shape)}; expected {' or '.join(str(s) for s in allowed)}."
     )
   return labels
 
@@ -208,9 +204,7 @@ def check_weights(
   if weights is None:
     return None
   weights = as_array(weights)
-  if _is_string(weights) or not (
-      jnp.issubdtype(weights.dtype, jnp.number) or weights.dtype == bool
-  ):
+  if not _is_numeric(weights):
     raise ValueError(f"{where}: weights must be numeric, got dtype {weights.dtype}.")
   batch = tuple(logits_shape[:-1])
   allowed = [batch, batch + (1,)]
