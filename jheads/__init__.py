@@ -19,12 +19,12 @@ Example:
 from jheads import export, metrics, training
 from jheads.base import Head, HeadConfig, LossReduction
 from jheads.checks import checked
-from jheads.binary import binary_classification_head
-from jheads.multi_class import multi_class_head
 from jheads.combinator import MultiHead, multi_head
-from jheads.multi_label import multi_label_head
-from jheads.regression import (
+from jheads.heads import (
+    binary_classification_head,
     logistic_regression_head,
+    multi_class_head,
+    multi_label_head,
     poisson_regression_head,
     regression_head,
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -71,6 +72,9 @@ class HeadConfig:
     thresholds: the extra decision thresholds of binary and multi-label heads.
     loss_reduction: how the training loss is reduced.
     weight_column: a features key, a callable `features -> weights`, or None.
+    mask_column: a features key or a callable `features -> mask` of the rows
+      (or steps) that take part, or None.
+    missing_label: the label value that marks a missing label, or None.
   """
 
   kind: str
@@ -81,6 +85,8 @@ class HeadConfig:
   thresholds: tuple[float, ...] = ()
   loss_reduction: LossReduction = LossReduction.SUM_OVER_BATCH_SIZE
   weight_column: Any = None
+  mask_column: Any = None
+  missing_label: Any = None
 
   @property
   def is_classifier(self) -> bool:
@@ -96,20 +102,43 @@ def describe(kind: str, name: str | None) -> str:
   return f"head {name!r}" if name is not None else f"{kind}_head"
 
 
+class RowWeights(NamedTuple):
+  """What a head reads from the features dict about its rows: weights and a mask.
+
+  Attributes:
+    weights: example weights as given (`[D0..DN]`, `[D0..DN, 1]`, ...), or None.
+    mask: a boolean (or 0/1) array of the rows that take part, or None.
+  """
+
+  weights: Any = None
+  mask: Any = None
+
+
 class Batch(NamedTuple):
   """Checked inputs of one head, in compute dtype.
+
+  Elements that are absent (masked out, or with a missing label) hold safe
+  values (logits and labels 0) and weight 0, so nothing downstream reads
+  their real values.
 
   Attributes:
     logits: `[D0, ..., DN, logits_dim]`, float32 or wider.
     labels: processed labels, `[D0, ..., DN, label_dim]` (ids for multi-class).
-    weights: example weights broadcast to the unreduced loss' shape.
+    weights: example weights broadcast to the unreduced loss' shape, 0 where
+      an element is absent.
     features: the features dict, only for a custom `loss_fn` that takes it.
+    present: bool, the unreduced loss' shape: which elements take part; None
+      when all do.
+    label_present: bool, the labels' shape: which labels take part; None
+      when all do.
   """
 
   logits: jax.Array
   labels: jax.Array
   weights: jax.Array
   features: Features = None
+  present: jax.Array | None = None
+  label_present: jax.Array | None = None
 
 
 class LossTerms(NamedTuple):
@@ -117,10 +146,16 @@ class LossTerms(NamedTuple):
 
   Keeping the two apart lets a loss over a batch split across devices be
   reduced exactly: sum the totals, sum the denominators, then divide.
+
+  A loss made of K separately reduced components (a ranking head's
+  `{"softmax": 1.0, "mean_squared": 0.25}`) has `[K]` totals and
+  denominators and their `component_weights`: it reduces to
+  `sum_k a_k * total_k / denominator_k`.
   """
 
   total: jax.Array
   denominator: jax.Array | None
+  component_weights: jax.Array | None = None
 
 
 class HeadKernel(NamedTuple):
@@ -225,16 +260,28 @@ def sigmoid(x: jax.Array) -> jax.Array:
 # Losses and their reduction.
 
 
+@jax.custom_jvp
 def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Sigmoid cross-entropy, `softplus(x) - x * z`, for labels in [0, 1].
+  """Sigmoid cross-entropy, `max(x, 0) - x z + log1p(exp(-|x|))`, for labels in [0, 1].
 
-  The same value as `optax.losses.sigmoid_binary_cross_entropy`, which sums
-  two log-sigmoids; this form needs one softplus, and its loss and gradient
-  run about twice as fast on CPU. It stays finite, with gradient
-  `sigmoid(x) - z`, for any finite logits.
+  The stable form TensorFlow and optax use: exact in float32 for confident
+  predictions, where `softplus(x) - x z` cancels (it is 0 from x = 16 with
+  z = 1). The gradient, `sigmoid(x) - z`, is written from the same
+  `exp(-|x|)` so that it too keeps full relative precision (`1 - z - e/(1+e)`
+  for x >= 0), and costs one exponential for loss and gradient together.
   """
-  return jax.nn.softplus(logits) - logits * labels
+  return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
+
+@sigmoid_cross_entropy.defjvp
+def _sigmoid_cross_entropy_jvp(primals, tangents):
+  logits, labels = primals
+  logits_dot, labels_dot = tangents
+  e = jnp.exp(-jnp.abs(logits))
+  loss = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(e)
+  small = e / (1 + e)  # sigmoid(-|x|)
+  d_logits = jnp.where(logits >= 0, (1 - labels) - small, small - labels)
+  return loss, d_logits * logits_dot - logits * labels_dot
 
 
 def safe_divide(numerator: ArrayLike, denominator: ArrayLike) -> jax.Array:
@@ -245,20 +292,32 @@ def safe_divide(numerator: ArrayLike, denominator: ArrayLike) -> jax.Array:
 
 
 def loss_terms(
-    losses: jax.Array, weights: jax.Array, reduction: LossReduction
+    losses: jax.Array,
+    weights: jax.Array,
+    reduction: LossReduction,
+    present: jax.Array | None = None,
 ) -> LossTerms:
   """The weighted sum of `losses` and the denominator its reduction divides by.
 
   Args:
     losses: unreduced losses, `[D0, ..., DN, k]`.
-    weights: example weights broadcast to `losses`' shape.
+    weights: example weights broadcast to `losses`' shape (0 where absent).
     reduction: the head's loss reduction.
+    present: bool, `losses`' shape: the elements that take part, or None for
+      all. Absent elements add nothing, whatever their loss, and are not
+      counted by `sum_over_batch_size`.
   """
-  total = jnp.sum(weights * losses)
+  weighted = weights * losses
+  if present is not None:
+    weighted = jnp.where(present, weighted, 0.0)
+  total = jnp.sum(weighted)
   if reduction == LossReduction.SUM:
     return LossTerms(total, None)
   if reduction == LossReduction.SUM_OVER_BATCH_SIZE:
-    denominator = jnp.asarray(losses.size, total.dtype)
+    if present is None:
+      denominator = jnp.asarray(losses.size, total.dtype)
+    else:
+      denominator = jnp.sum(jnp.broadcast_to(present, losses.shape).astype(total.dtype))
   elif reduction == LossReduction.MEAN:
     denominator = jnp.sum(weights)
   else:
@@ -277,11 +336,15 @@ def shard_share(value: ArrayLike, axis_name: Any = None) -> jax.Array:
 def reduce_loss(terms: LossTerms, axis_name: Any = None) -> jax.Array:
   """Divides out a loss; with `axis_name`, by the denominator of the whole batch."""
   if terms.denominator is None:
-    return terms.total
-  denominator = jax.lax.stop_gradient(terms.denominator)
-  if axis_name is not None:
-    denominator = jax.lax.psum(denominator, axis_name)
-  return safe_divide(terms.total, denominator)
+    loss = terms.total
+  else:
+    denominator = jax.lax.stop_gradient(terms.denominator)
+    if axis_name is not None:
+      denominator = jax.lax.psum(denominator, axis_name)
+    loss = safe_divide(terms.total, denominator)
+  if terms.component_weights is not None:
+    loss = jnp.sum(terms.component_weights * loss, axis=-1)
+  return loss
 
 
 def call_loss_fn(
@@ -356,7 +419,8 @@ class LabelRule(NamedTuple):
 
   Attributes:
     integer: labels must have an integer (or bool) dtype.
-    ok: `labels -> bool scalar`, true when every label value is valid.
+    ok: `labels -> bool array` of the labels' shape, true where a label value
+      is valid; None for any value. Only present labels are checked.
     message: what valid labels are, for the error.
     convert: `(labels, dtype) -> processed labels`.
   """
@@ -365,6 +429,36 @@ class LabelRule(NamedTuple):
   ok: Callable[[jax.Array], jax.Array] | None
   message: str
   convert: Callable[[jax.Array, Any], jax.Array]
+
+
+def label_presence(labels: Any, missing_label: Any) -> Any:
+  """Where labels are not `missing_label` (NaN matches NaN); None if nothing can be missing."""
+  if missing_label is None:
+    return None
+  labels = jnp.asarray(labels)
+  if isinstance(missing_label, float) and math.isnan(missing_label):
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+      return None
+    return ~jnp.isnan(labels)
+  return labels != jnp.asarray(missing_label).astype(labels.dtype)
+
+
+def broadcast_mask(mask: Any, shape: tuple[int, ...]) -> jax.Array:
+  """A row mask `[D0..DK]` broadcast over the trailing axes of `shape`."""
+  mask = jnp.asarray(mask).astype(bool)
+  mask = mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
+  return jnp.broadcast_to(mask, shape)
+
+
+def combine_presence(*masks: Any) -> Any:
+  """The conjunction of the non-None masks (already broadcast alike), or None."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = out & m
+  return out
 
 
 def standard_kernel(
@@ -383,6 +477,11 @@ def standard_kernel(
 ) -> HeadKernel:
   """The kernel of every built-in head: shared checks around family-specific math.
 
+  It gives every head weights, the four reductions, masks and missing labels
+  (an absent element is replaced by safe values before any arithmetic, so
+  neither its value nor its gradient is ever read), and value checks that
+  look only at the elements that take part.
+
   Args:
     config: the head's static description.
     label_dim: last dimension of the labels.
@@ -400,16 +499,41 @@ def standard_kernel(
   takes_features = checks.validate_loss_fn(where, custom_loss_fn)
 
   def get_weights(features):
-    return checks.fetch_weights(where, features, config.weight_column)
+    return RowWeights(
+        checks.fetch_weights(where, features, config.weight_column),
+        checks.fetch_mask(where, features, config.mask_column),
+    )
 
-  def validate_logits(logits):
-    logits = checks.check_logits(where, logits, config.logits_dim)
-    checks.require_finite(where, "logits", logits)
+  def check_logit_shape(logits):
+    return checks.check_logits(where, logits, config.logits_dim)
+
+  def validate_logits(logits, present=None):
+    logits = check_logit_shape(logits)
+    checks.require_finite(where, "logits", logits, where_present=present)
     if logits_check is not None:
-      logits_check(where, logits)
+      logits_check(where, logits if present is None else jnp.where(present, logits, 0))
 
-  def validate(logits, labels, weights):
-    validate_logits(logits)
+  def presence(logits, labels, row_weights):
+    """Presence of labels `[.., label_dim]` and of logits, or None where all are present."""
+    labels = expand_labels(labels, len(np.shape(logits)))
+    label_present = label_presence(labels, config.missing_label)
+    if row_weights.mask is not None:
+      label_present = combine_presence(
+          label_present, broadcast_mask(row_weights.mask, tuple(labels.shape))
+      )
+    if label_present is None:
+      return None, None
+    logits_shape = tuple(np.shape(logits))
+    if label_present.shape[-1] == logits_shape[-1]:
+      logit_present = label_present
+    else:
+      logit_present = jnp.broadcast_to(
+          jnp.any(label_present, axis=-1, keepdims=True), logits_shape
+      )
+    return label_present, logit_present
+
+  def validate(logits, labels, row_weights):
+    logits = check_logit_shape(logits)
     logits_shape = tuple(np.shape(logits))
     labels = checks.check_labels(
         where,
@@ -419,22 +543,62 @@ def standard_kernel(
         integer=label_rule.integer,
         has_vocabulary=config.label_vocabulary is not None,
     )
-    weights = checks.check_weights(where, weights, logits_shape, per_logit=per_logit_weights)
+    weights = checks.check_weights(
+        where, row_weights.weights, logits_shape, per_logit=per_logit_weights
+    )
+    mask = checks.check_mask(where, row_weights.mask, logits_shape)
+    label_present, logit_present = presence(logits, labels, RowWeights(weights, mask))
+    validate_logits(logits, logit_present)
     if label_rule.ok is not None:
+      def labels_ok():
+        valid = label_rule.ok(expand_labels(labels, len(logits_shape)))
+        if label_present is not None:
+          valid = valid | ~label_present
+        return jnp.all(valid)
+
       checks.require(
-          lambda: label_rule.ok(jnp.asarray(labels)),
+          labels_ok,
           f"{where}: labels must be {label_rule.message}",
           labels,
-          detail=lambda: checks.describe_values(labels),
+          *([] if mask is None else [mask]),
+          detail=lambda: checks.describe_values(labels, label_present),
       )
-    checks.require_finite(where, "weights", weights)
+    if weights is not None:
+      weight_present = None
+      if label_present is not None:
+        # Presence in the weights' own shape: per row, or per logit.
+        if np.ndim(weights) == len(logits_shape) and np.shape(weights)[-1] != 1:
+          weight_present = logit_present
+        else:
+          weight_present = jnp.any(label_present, axis=-1).reshape(
+              tuple(logits_shape[:-1]) + (1,) * (np.ndim(weights) - len(logits_shape) + 1)
+          )
+      checks.require_finite(where, "weights", weights, where_present=weight_present)
+      checks.require_nonnegative(where, "weights", weights, where_present=weight_present)
 
-  def prepare(logits, labels, weights):
+  def prepare(logits, labels, row_weights):
     logits = jnp.asarray(logits)
     logits = logits.astype(compute_dtype(logits.dtype))
-    labels = label_rule.convert(expand_labels(labels, logits.ndim), logits.dtype)
+    labels = expand_labels(labels, logits.ndim)
+    label_present, logit_present = presence(logits, labels, row_weights)
     loss_shape = tuple(logits.shape[:-1]) + (loss_dim,)
-    return Batch(logits, labels, broadcast_weights(weights, loss_shape, logits.dtype))
+    weights = broadcast_weights(row_weights.weights, loss_shape, logits.dtype)
+    present = None
+    if label_present is not None:
+      # Safe values first: an absent element's logits and labels are never read.
+      logits = jnp.where(logit_present, logits, 0)
+      labels = jnp.where(label_present, labels, jnp.zeros((), labels.dtype))
+      present = (
+          label_present
+          if label_dim == loss_dim
+          else jnp.any(label_present, axis=-1, keepdims=True)
+      )
+      present = jnp.broadcast_to(present, loss_shape)
+      weights = jnp.where(present, weights, 0)
+    labels = label_rule.convert(labels, logits.dtype)
+    return Batch(
+        logits, labels, weights, present=present, label_present=label_present
+    )
 
   if custom_loss_fn is None:
     compute_loss = unreduced_loss
@@ -444,7 +608,9 @@ def standard_kernel(
     )
 
   def kernel_loss_terms(batch):
-    return loss_terms(compute_loss(batch), batch.weights, config.loss_reduction)
+    return loss_terms(
+        compute_loss(batch), batch.weights, config.loss_reduction, batch.present
+    )
 
   def kernel_statistics(batch):
     return statistics(batch, compute_loss(batch))
@@ -460,6 +626,7 @@ def standard_kernel(
         config.logits_dim,
         config.thresholds,
         config.loss_reduction,
+        _static_key(config.missing_label),
         static_options,
     )
   return HeadKernel(
@@ -472,3 +639,10 @@ def standard_kernel(
       predictions=kernel_predictions,
       group_key=group_key,
   )
+
+
+def _static_key(value: Any) -> Any:
+  """A hashable key that tells NaN from other floats (NaN != NaN)."""
+  if isinstance(value, float) and math.isnan(value):
+    return ("nan",)
+  return value

@@ -163,6 +163,15 @@ def check_labels(
     raise ValueError(
         f"{where}: labels must be integer class ids, got dtype {labels.dtype}."
     )
+  if isinstance(labels, np.ndarray) and labels.dtype.kind in "iu" and labels.size:
+    # Without x64, jax would silently wrap int64 ids into int32.
+    target = jnp.dtype(jax.dtypes.canonicalize_dtype(labels.dtype))
+    info = np.iinfo(target)
+    if labels.min() < info.min or labels.max() > info.max:
+      raise ValueError(
+          f"{where}: labels must fit {target} (jax would wrap them), got values"
+          f" in [{labels.min()}, {labels.max()}]."
+      )
   expected = tuple(logits_shape[:-1]) + (label_dim,)
   allowed = [expected, expected[:-1]] if label_dim == 1 else [expected]
   if tuple(labels.shape) not in allowed:
@@ -220,16 +229,114 @@ def check_weights(
   return weights
 
 
-def require_finite(where: str, what: str, values: Any, *, hint: str = "") -> None:
-  """Raises (eagerly, or under `checked`) if any array in `values` holds NaN or infinity."""
+def fetch_mask(where: str, features: Mapping[str, Any] | None, mask_column: Any) -> Any:
+  """Looks up the row mask named by `mask_column` (a features key or a callable)."""
+  if mask_column is None:
+    return None
+  if callable(mask_column):
+    mask = mask_column(features)
+  else:
+    if not isinstance(features, Mapping) or mask_column not in features:
+      present = sorted(features) if isinstance(features, Mapping) else []
+      raise ValueError(
+          f"{where}: mask_column {mask_column!r} is missing from features"
+          f" (keys: {present})."
+      )
+    mask = features[mask_column]
+  if mask is None:
+    raise ValueError(f"{where}: the mask from {mask_column!r} is None.")
+  return mask
+
+
+def check_mask_column(where: str, mask_column: Any) -> Any:
+  """Validates a `mask_column` argument: None, a features key or a callable."""
+  if mask_column is None or callable(mask_column) or (
+      isinstance(mask_column, str) and mask_column
+  ):
+    return mask_column
+  raise ValueError(
+      f"{where}: mask_column must be a features key (a string) or a callable"
+      f" features -> mask, got {mask_column!r}."
+  )
+
+
+def check_missing_label(where: str, missing_label: Any, *, integer: bool = False) -> Any:
+  """Validates `missing_label`: None, a number (NaN allowed for float labels), or an int."""
+  if missing_label is None:
+    return None
+  if isinstance(missing_label, (bool, np.bool_)) or not isinstance(
+      missing_label, (int, float, np.integer, np.floating)
+  ):
+    raise ValueError(
+        f"{where}: missing_label must be a number (e.g. float('nan') or -1) or"
+        f" None, got {missing_label!r}."
+    )
+  if integer:
+    if isinstance(missing_label, (float, np.floating)):
+      if not float(missing_label).is_integer():
+        raise ValueError(
+            f"{where}: labels are integer class ids, so missing_label must be an"
+            f" int (e.g. -1), got {missing_label!r}."
+        )
+    return int(missing_label)
+  if isinstance(missing_label, (int, np.integer)):
+    return int(missing_label)
+  return float(missing_label)
+
+
+def check_mask(where: str, mask: Any, logits_shape: tuple[int, ...]) -> Any:
+  """Checks a row mask: bool or 0/1 numbers, its shape a prefix of the batch shape."""
+  if mask is None:
+    return None
+  mask = as_array(mask)
+  if not _is_numeric(mask):
+    raise ValueError(f"{where}: the mask must be bool or 0/1 numbers, got dtype {mask.dtype}.")
+  batch = tuple(logits_shape[:-1])
+  if tuple(mask.shape) != batch[: mask.ndim] or mask.ndim == 0:
+    raise ValueError(
+        f"{where}: mask shape {tuple(mask.shape)} does not match logits shape"
+        f" {tuple(logits_shape)}; expected {batch} (or a prefix of it)."
+    )
+  if mask.dtype != bool:
+    require(
+        lambda: jnp.all((mask == 0) | (mask == 1)),
+        f"{where}: the mask must hold only 0 and 1 (or booleans)",
+        mask,
+    )
+  return mask
+
+
+def require_finite(
+    where: str, what: str, values: Any, *, hint: str = "", where_present: Any = None
+) -> None:
+  """Raises (eagerly, or under `checked`) if any array in `values` holds NaN or infinity.
+
+  With `where_present` (a bool array of `values`' shape), only those entries count.
+  """
   leaves = jax.tree.leaves(values)
   if not leaves:
     return
-  require(
-      lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(x))) for x in leaves])),
-      f"{where}: {what} must be finite (no NaN or infinity){hint}",
-      *leaves,
-  )
+
+  def finite():
+    if where_present is not None:
+      return jnp.all(jnp.isfinite(jnp.asarray(leaves[0])) | ~where_present)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(x))) for x in leaves]))
+
+  operands = leaves if where_present is None else [*leaves, where_present]
+  require(finite, f"{where}: {what} must be finite (no NaN or infinity){hint}", *operands)
+
+
+def require_nonnegative(where: str, what: str, values: Any, *, where_present: Any = None) -> None:
+  """Raises (eagerly, or under `checked`) if `values` holds a negative entry (where present)."""
+  if values is None:
+    return
+
+  def nonnegative():
+    ok = jnp.asarray(values) >= 0
+    return jnp.all(ok if where_present is None else ok | ~where_present)
+
+  operands = [values] if where_present is None else [values, where_present]
+  require(nonnegative, f"{where}: {what} must be >= 0", *operands)
 
 
 OVERFLOW_HINT = "; do the logits or labels overflow float32?"
@@ -321,8 +428,11 @@ def check_num_thresholds(where: str, num_thresholds: Any) -> int:
   return num_thresholds
 
 
-def describe_values(labels: Any) -> str:
-  values = np.unique(np.asarray(labels))
+def describe_values(labels: Any, present: Any = None) -> str:
+  values = np.asarray(labels)
+  if present is not None:
+    values = values[np.broadcast_to(np.asarray(present), values.shape)]
+  values = np.unique(values)
   shown = ", ".join(f"{v:g}" if np.issubdtype(values.dtype, np.number) else str(v)
                     for v in values[:8])
   more = ", ..." if values.size > 8 else ""

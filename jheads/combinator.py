@@ -86,6 +86,7 @@ def multi_head(
     heads: Sequence[base.Head | MultiHead],
     head_weights: Sequence[float] | None = None,
     *,
+    mask_column: str | Callable[[Any], Any] | None = None,
     vectorize: bool = True,
 ) -> MultiHead:
   """Combines named heads into one head spec (TF's `MultiHead`).
@@ -112,6 +113,9 @@ def multi_head(
   Args:
     heads: named heads (or multi_heads).
     head_weights: one float per head, or None for all ones.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask of the rows that take part: masked-out
+      rows are absent from every head, combined with each head's own mask.
     vectorize: evaluate like heads as one vectorized computation. Results
       are identical either way; turn it off only to compare or debug.
 
@@ -132,10 +136,12 @@ def multi_head(
     [('click', 'all_class_ids'), ('click', 'class_ids')]
   """
   heads, head_weights = _flatten(heads, head_weights)
+  mask_column = checks.check_mask_column(_WHERE, mask_column)
   names = tuple(head.name for head in heads)
   dims = tuple(head.logits_dim for head in heads)
-  offsets = tuple(int(x) for x in np.cumsum((0,) + dims))
-  total_dim = offsets[-1]
+  unsized = [n for n, d in zip(names, dims) if d is None]
+  offsets = tuple(int(x) for x in np.cumsum((0,) + tuple(d or 0 for d in dims)))
+  total_dim = None if unsized else offsets[-1]
 
   def split_logits(logits: Any) -> list[Any]:
     if isinstance(logits, Mapping):
@@ -146,6 +152,11 @@ def multi_head(
             f" {sorted(logits)}."
         )
       return [logits[n] for n in names]
+    if unsized:
+      raise ValueError(
+          f"{_WHERE}: head {unsized[0]!r} has no fixed logits_dim (set its"
+          " list_size); pass logits as a dict keyed by head name."
+      )
     logits = checks.as_array(logits)
     if logits.ndim < 2 or logits.shape[-1] != total_dim:
       raise ValueError(
@@ -197,6 +208,9 @@ def multi_head(
     per_head_logits = split_logits(logits)
     per_head_labels = split_labels(labels)
     per_head_weights = [h.kernel.get_weights(features) for h in heads]
+    if mask_column is not None:
+      outer = checks.fetch_mask(_WHERE, features, mask_column)
+      per_head_weights = [_with_outer_mask(w, outer) for w in per_head_weights]
     for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
       head.kernel.validate(lo, la, w)
     per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
@@ -379,10 +393,20 @@ def _weights_vector(head_weights: Any, default: tuple[float, ...], n: int) -> An
   return weights
 
 
+def _with_outer_mask(row_weights: base.RowWeights, outer: Any) -> base.RowWeights:
+  """A head's row weights with the multi_head's mask combined into its own."""
+  own = row_weights.mask
+  if own is None:
+    return row_weights._replace(mask=outer)
+  shape = max(np.shape(own), np.shape(outer), key=len)
+  return row_weights._replace(
+      mask=base.broadcast_mask(own, shape) & base.broadcast_mask(outer, shape)
+  )
+
+
 def _signature(value: Any) -> Any:
-  if value is None:
-    return None
-  return (tuple(np.shape(value)), jnp.result_type(value))
+  leaves, treedef = jax.tree.flatten(value)
+  return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
 
 
 def _groups(
@@ -403,15 +427,24 @@ def _groups(
 def _stack(values: list[Any]) -> Any:
   if values[0] is None:
     return None
-  return jnp.stack([jnp.asarray(v) for v in values])
+  return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(x) for x in leaves]), *values)
 
 
-def _stack_or_share(values: list[Any]) -> tuple[Any, int | None]:
+def _stack_or_share(values: list[Any]) -> tuple[Any, Any]:
   """Stacks per-head values for `vmap`, unless every head got the very same one.
 
   Heads that share a weight column get the same array; passing it once
-  (`in_axes=None`) avoids materializing one copy per head.
+  (`in_axes=None`) avoids materializing one copy per head. Values may be
+  pytrees (a head's `RowWeights`): each leaf is stacked or shared on its own.
   """
-  if all(v is values[0] for v in values):
-    return values[0], None
-  return _stack(values), 0
+  leaves = [jax.tree.leaves(v) for v in values]
+  treedef = jax.tree.structure(values[0])
+  stacked, axes = [], []
+  for column in zip(*leaves):
+    if all(x is column[0] for x in column):
+      stacked.append(column[0])
+      axes.append(None)
+    else:
+      stacked.append(jnp.stack([jnp.asarray(x) for x in column]))
+      axes.append(0)
+  return jax.tree.unflatten(treedef, stacked), jax.tree.unflatten(treedef, axes)

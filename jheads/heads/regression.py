@@ -28,6 +28,8 @@ def regression_head(
     label_dimension: int = 1,
     name: str | None = None,
     weight_column: str | Callable[[Any], Any] | None = None,
+    missing_label: float | int | None = None,
+    mask_column: str | Callable[[Any], Any] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
     loss_fn: Callable[..., Any] | None = None,
     inverse_link_fn: Callable[[jax.Array], jax.Array] | None = None,
@@ -47,6 +49,13 @@ def regression_head(
     name: the head's name; suffixes metric keys and is required in a multi_head.
     weight_column: a features key holding example weights, or a callable
       `features -> weights`.
+    missing_label: a label value that marks a missing label (`float("nan")`
+      matches NaN; e.g. -1 for class ids), or None. A missing label is as if
+      that element were not in the batch: it adds nothing to the loss, its
+      gradient or the statistics, and no reduction counts it.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
+      missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
     loss_fn: a custom unreduced loss `loss_fn(labels, logits[, features])`
       returning `[D0, ..., DN, label_dimension]`.
@@ -74,13 +83,15 @@ def regression_head(
       label_dimension=label_dimension,
       name=name,
       weight_column=weight_column,
+      missing_label=missing_label,
+      mask_column=mask_column,
       loss_reduction=loss_reduction,
       custom_loss_fn=loss_fn,
       default_loss=_squared_error,
       inverse_link_fn=inverse_link_fn,
       label_rule=base.LabelRule(
           integer=False,
-          ok=lambda labels: jnp.all(jnp.isfinite(labels)),
+          ok=lambda labels: jnp.isfinite(labels),
           message="finite numbers",
           convert=lambda labels, dtype: labels.astype(dtype),
       ),
@@ -92,6 +103,8 @@ def poisson_regression_head(
     label_dimension: int = 1,
     name: str | None = None,
     weight_column: str | Callable[[Any], Any] | None = None,
+    missing_label: float | int | None = None,
+    mask_column: str | Callable[[Any], Any] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
     compute_full_loss: bool = True,
 ) -> base.Head:
@@ -110,6 +123,13 @@ def poisson_regression_head(
     label_dimension: number of targets per example, >= 1.
     name: the head's name.
     weight_column: a features key holding example weights, or a callable.
+    missing_label: a label value that marks a missing label (`float("nan")`
+      matches NaN; e.g. -1 for class ids), or None. A missing label is as if
+      that element were not in the batch: it adds nothing to the loss, its
+      gradient or the statistics, and no reduction counts it.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
+      missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
     compute_full_loss: add the Stirling term (it does not change gradients).
 
@@ -143,13 +163,15 @@ def poisson_regression_head(
       label_dimension=label_dimension,
       name=name,
       weight_column=weight_column,
+      missing_label=missing_label,
+      mask_column=mask_column,
       loss_reduction=loss_reduction,
       custom_loss_fn=None,
       default_loss=poisson_loss,
       inverse_link_fn=jnp.exp,
       label_rule=base.LabelRule(
           integer=False,
-          ok=lambda labels: jnp.all((labels >= 0) & jnp.isfinite(labels)),
+          ok=lambda labels: (labels >= 0) & jnp.isfinite(labels),
           message="finite and non-negative (counts)",
           convert=lambda labels, dtype: labels.astype(dtype),
       ),
@@ -162,6 +184,8 @@ def logistic_regression_head(
     *,
     name: str | None = None,
     weight_column: str | Callable[[Any], Any] | None = None,
+    missing_label: float | int | None = None,
+    mask_column: str | Callable[[Any], Any] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
 ) -> base.Head:
   """A head regressing a value in [0, 1] with sigmoid cross-entropy (TF's `LogisticRegressionHead`).
@@ -172,6 +196,13 @@ def logistic_regression_head(
   Args:
     name: the head's name.
     weight_column: a features key holding example weights, or a callable.
+    missing_label: a label value that marks a missing label (`float("nan")`
+      matches NaN; e.g. -1 for class ids), or None. A missing label is as if
+      that element were not in the batch: it adds nothing to the loss, its
+      gradient or the statistics, and no reduction counts it.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
+      missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
 
   Returns:
@@ -190,13 +221,15 @@ def logistic_regression_head(
       label_dimension=1,
       name=name,
       weight_column=weight_column,
+      missing_label=missing_label,
+      mask_column=mask_column,
       loss_reduction=loss_reduction,
       custom_loss_fn=None,
       default_loss=lambda batch: base.sigmoid_cross_entropy(batch.logits, batch.labels),
       inverse_link_fn=base.sigmoid,
       label_rule=base.LabelRule(
           integer=False,
-          ok=lambda labels: jnp.all((labels >= 0) & (labels <= 1)),
+          ok=lambda labels: (labels >= 0) & (labels <= 1),
           message="in [0, 1]",
           convert=lambda labels, dtype: labels.astype(dtype),
       ),
@@ -223,6 +256,8 @@ def _regression(
     label_dimension: Any,
     name: str | None,
     weight_column: Any,
+    missing_label: Any,
+    mask_column: Any,
     loss_reduction: Any,
     custom_loss_fn: Callable[..., Any] | None,
     default_loss: Callable[[base.Batch], jax.Array],
@@ -245,6 +280,8 @@ def _regression(
       logits_dim=label_dimension,
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
+      mask_column=checks.check_mask_column(where, mask_column),
+      missing_label=checks.check_missing_label(where, missing_label),
   )
 
   def predictions(logits: jax.Array) -> dict[str, jax.Array]:

@@ -20,6 +20,8 @@ def multi_label_head(
     *,
     name: str | None = None,
     weight_column: str | Callable[[Any], Any] | None = None,
+    missing_label: float | int | None = None,
+    mask_column: str | Callable[[Any], Any] | None = None,
     thresholds: Any = None,
     label_vocabulary: list[str] | tuple[str, ...] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
@@ -58,6 +60,13 @@ def multi_label_head(
       `features -> weights`.
     thresholds: extra decision thresholds in (0, 1).
     label_vocabulary: n_classes class names.
+    missing_label: a label value that marks a missing label (`float("nan")`
+      matches NaN; e.g. -1 for class ids), or None. A missing label is as if
+      that element were not in the batch: it adds nothing to the loss, its
+      gradient or the statistics, and no reduction counts it.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
+      missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
     loss_fn: a custom unreduced loss `loss_fn(labels, logits[, features])`
       returning `[D0, ..., DN, 1]`; labels arrive as a float indicator.
@@ -94,6 +103,8 @@ def multi_label_head(
       thresholds=checks.check_thresholds(where, thresholds),
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
+      mask_column=checks.check_mask_column(where, mask_column),
+      missing_label=checks.check_missing_label(where, missing_label),
   )
   num_thresholds = checks.check_num_thresholds(where, num_thresholds)
   summation_method = metrics.check_summation_method(where, summation_method)
@@ -104,11 +115,18 @@ def multi_label_head(
 
   def unreduced_loss(batch: base.Batch) -> jax.Array:
     losses = base.sigmoid_cross_entropy(batch.logits, batch.labels)
-    return jnp.mean(losses, axis=-1, keepdims=True)
+    if batch.label_present is None:
+      return jnp.mean(losses, axis=-1, keepdims=True)
+    # The mean over the classes whose label is present.
+    present = batch.label_present.astype(losses.dtype)
+    count = jnp.sum(present, axis=-1, keepdims=True)
+    return base.safe_divide(jnp.sum(losses * present, axis=-1, keepdims=True), count)
 
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:
     probabilities = base.sigmoid(batch.logits)
     cell_weights = jnp.broadcast_to(batch.weights, probabilities.shape)
+    if batch.label_present is not None:
+      cell_weights = jnp.where(batch.label_present, cell_weights, 0)
     auc, auc_pr = metrics.auc_pair(
         metrics.auc_histogram(
             probabilities, batch.labels, cell_weights, num_thresholds=num_thresholds
@@ -136,7 +154,7 @@ def multi_label_head(
       for i, key in enumerate(class_keys):
         class_auc, class_auc_pr = metrics.auc_pair(per_class[i], summation_method)
         stats[f"probability_mean/{key}"] = metrics.weighted_mean(
-            class_probabilities[..., i : i + 1], batch.weights
+            class_probabilities[..., i : i + 1], cell_weights[..., class_ids[i] : class_ids[i] + 1]
         )
         stats[f"auc/{key}"] = class_auc
         stats[f"auc_precision_recall/{key}"] = class_auc_pr
@@ -149,7 +167,7 @@ def multi_label_head(
       per_logit_weights=False,
       label_rule=base.LabelRule(
           integer=False,
-          ok=lambda labels: jnp.all((labels == 0) | (labels == 1)),
+          ok=lambda labels: (labels == 0) | (labels == 1),
           message="a 0/1 indicator of shape [D0, ..., DN, n_classes]",
           convert=lambda labels, dtype: labels.astype(dtype),
       ),

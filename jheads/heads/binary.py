@@ -18,6 +18,8 @@ def binary_classification_head(
     *,
     name: str | None = None,
     weight_column: str | Callable[[Any], Any] | None = None,
+    missing_label: float | int | None = None,
+    mask_column: str | Callable[[Any], Any] | None = None,
     thresholds: Any = None,
     label_vocabulary: list[str] | tuple[str, ...] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
@@ -51,6 +53,13 @@ def binary_classification_head(
       and recall.
     label_vocabulary: two class names; labels are then given as strings and
       mapped to ids on the host by `jheads.encode_labels`.
+    missing_label: a label value that marks a missing label (`float("nan")`
+      matches NaN; e.g. -1 for class ids), or None. A missing label is as if
+      that element were not in the batch: it adds nothing to the loss, its
+      gradient or the statistics, and no reduction counts it.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
+      missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
     loss_fn: a custom unreduced loss `loss_fn(labels, logits[, features])`
       returning `[D0, ..., DN, 1]`; labels arrive as floats.
@@ -83,6 +92,8 @@ def binary_classification_head(
       thresholds=checks.check_thresholds(where, thresholds),
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
+      mask_column=checks.check_mask_column(where, mask_column),
+      missing_label=checks.check_missing_label(where, missing_label),
   )
   num_thresholds = checks.check_num_thresholds(where, num_thresholds)
   summation_method = metrics.check_summation_method(where, summation_method)
@@ -119,7 +130,7 @@ def binary_classification_head(
       per_logit_weights=False,
       label_rule=base.LabelRule(
           integer=False,
-          ok=lambda labels: jnp.all((labels >= 0) & (labels <= 1)),
+          ok=lambda labels: (labels >= 0) & (labels <= 1),
           message="in [0, 1]",
           convert=lambda labels, dtype: labels.astype(dtype),
       ),

@@ -20,6 +20,8 @@ def multi_class_head(
     *,
     name: str | None = None,
     weight_column: str | Callable[[Any], Any] | None = None,
+    missing_label: float | int | None = None,
+    mask_column: str | Callable[[Any], Any] | None = None,
     label_vocabulary: list[str] | tuple[str, ...] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
     loss_fn: Callable[..., Any] | None = None,
@@ -42,6 +44,13 @@ def multi_class_head(
       `[D0..DN, 1]`), or a callable `features -> weights`.
     label_vocabulary: n_classes class names; string labels are mapped to ids
       on the host by `jheads.encode_labels`.
+    missing_label: a label value that marks a missing label (`float("nan")`
+      matches NaN; e.g. -1 for class ids), or None. A missing label is as if
+      that element were not in the batch: it adds nothing to the loss, its
+      gradient or the statistics, and no reduction counts it.
+    mask_column: a features key (or a callable `features -> mask`) of a
+      boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
+      missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
     loss_fn: a custom unreduced loss `loss_fn(labels, logits[, features])`
       returning `[D0, ..., DN, 1]`; labels arrive as int32 ids `[D0..DN, 1]`.
@@ -76,6 +85,8 @@ def multi_class_head(
       label_vocabulary=checks.check_vocabulary(where, label_vocabulary, n_classes),
       loss_reduction=base.loss_reduction_from(loss_reduction, where),
       weight_column=weight_column,
+      mask_column=checks.check_mask_column(where, mask_column),
+      missing_label=checks.check_missing_label(where, missing_label, integer=True),
   )
 
   def unreduced_loss(batch: base.Batch) -> jax.Array:
@@ -99,7 +110,7 @@ def multi_class_head(
       per_logit_weights=False,
       label_rule=base.LabelRule(
           integer=True,
-          ok=lambda labels: jnp.all((labels >= 0) & (labels < n_classes)),
+          ok=lambda labels: (labels >= 0) & (labels < n_classes),
           message=f"class ids in [0, {n_classes})",
           convert=lambda labels, dtype: labels.astype(jnp.int32),
       ),
