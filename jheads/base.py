@@ -162,16 +162,21 @@ class HeadKernel(NamedTuple):
   """A head's computations on explicit inputs (no features dict, no key suffix).
 
   Attributes:
-    get_weights: `features -> weights or None`, per the head's weight column.
-    validate: `(logits, labels, weights) -> None`; raises on bad shapes, dtypes
-      and (when the values are concrete, or under `checked`) bad values.
-    prepare: `(logits, labels, weights) -> Batch`; pure and vmappable.
+    get_weights: `features -> RowWeights` (or another pytree), what the head
+      reads from the features: its weight column and mask.
+    validate: `(logits, labels, row_weights) -> None`; raises on bad shapes
+      and dtypes (at trace time). Value checks are `value_checks`' job; a
+      kernel without `value_checks` enforces them here.
+    prepare: `(logits, labels, row_weights) -> Batch`; pure and vmappable.
     loss_terms: `Batch -> LossTerms`.
     statistics: `Batch -> Stats`, additive metric statistics, keys unsuffixed.
-    validate_logits: `logits -> None`.
+    validate_logits: `logits -> None`, the checks of `predict_fn`.
     predictions: `logits -> dict` of arrays; pure and vmappable.
     group_key: heads with equal, non-None keys compute identically up to their
       inputs, so `multi_head` may evaluate them as one vectorized computation.
+    value_checks: `(logits, labels, row_weights) -> {problem: ValueCheck}`,
+      pure and vmappable, or None. The problems are static strings; the
+      caller enforces them as `"<head>: <problem>"`.
   """
 
   get_weights: Callable[[Features], Any]
@@ -182,6 +187,22 @@ class HeadKernel(NamedTuple):
   validate_logits: Callable[[Any], None]
   predictions: Callable[[Any], dict[str, jax.Array]]
   group_key: Hashable | None
+  value_checks: Callable[..., dict[str, checks.ValueCheck]] | None = None
+
+
+def check_inputs(kernel: HeadKernel, where: str, logits: Any, labels: Any, row_weights: Any) -> None:
+  """A head's shape checks, then, where they can act, its value checks."""
+  kernel.validate(logits, labels, row_weights)
+  if kernel.value_checks is None:
+    return
+  if checks.should_check(logits, labels, row_weights):
+    checks.enforce(where, kernel.value_checks(logits, labels, row_weights))
+  elif checks.is_concrete(labels, row_weights):
+    # Labels and weights closed over as constants can be checked at trace
+    # time, beside stand-in logits (which pass every logits check).
+    with jax.ensure_compile_time_eval():
+      stand_in = np.zeros(np.shape(logits), np.float32)
+      checks.enforce(where, kernel.value_checks(stand_in, labels, row_weights))
 
 
 class Head(NamedTuple):
@@ -384,7 +405,7 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
 
   def loss_fn(logits, labels, features=None, *, axis_name=None):
     weights = kernel.get_weights(features)
-    kernel.validate(logits, labels, weights)
+    check_inputs(kernel, where, logits, labels, weights)
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
     loss = reduce_loss(kernel.loss_terms(batch), axis_name)
     checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
@@ -393,7 +414,7 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
   def metric_fn(logits, labels, features=None, *, axis_name=None):
     del axis_name  # A single head's statistics are already additive shares.
     weights = kernel.get_weights(features)
-    kernel.validate(logits, labels, weights)
+    check_inputs(kernel, where, logits, labels, weights)
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
     stats = kernel.statistics(batch)
     checks.require_finite(where, "the metric statistics", stats, hint=checks.OVERFLOW_HINT)
@@ -473,7 +494,7 @@ def standard_kernel(
     predictions: Callable[[jax.Array], dict[str, jax.Array]],
     custom_loss_fn: Callable[..., Any] | None = None,
     static_options: Hashable = (),
-    logits_check: Callable[[str, Any], None] | None = None,
+    logits_check: Callable[[Any], dict[str, checks.ValueCheck]] | None = None,
 ) -> HeadKernel:
   """The kernel of every built-in head: shared checks around family-specific math.
 
@@ -493,7 +514,8 @@ def standard_kernel(
     predictions: `logits in compute dtype -> dict`.
     custom_loss_fn: a user `loss_fn(labels, logits[, features])`, or None.
     static_options: further static options that set the computation.
-    logits_check: optional family-specific value check on logits.
+    logits_check: optional family-specific value checks on logits,
+      `logits -> {problem: ValueCheck}` (pure and vmappable).
   """
   where = config.description
   takes_features = checks.validate_loss_fn(where, custom_loss_fn)
@@ -507,11 +529,17 @@ def standard_kernel(
   def check_logit_shape(logits):
     return checks.check_logits(where, logits, config.logits_dim)
 
-  def validate_logits(logits, present=None):
+  def validate_logits(logits):
     logits = check_logit_shape(logits)
-    checks.require_finite(where, "logits", logits, where_present=present)
-    if logits_check is not None:
-      logits_check(where, logits if present is None else jnp.where(present, logits, 0))
+    if checks.should_check(logits):
+      results = {
+          "logits must be finite (no NaN or infinity)": checks.ValueCheck(
+              checks.all_finite(logits)
+          )
+      }
+      if logits_check is not None:
+        results.update(logits_check(jnp.asarray(logits)))
+      checks.enforce(where, results)
 
   def presence(logits, labels, row_weights):
     """Presence of labels `[.., label_dim]` and of logits, or None where all are present."""
@@ -533,9 +561,8 @@ def standard_kernel(
     return label_present, logit_present
 
   def validate(logits, labels, row_weights):
-    logits = check_logit_shape(logits)
-    logits_shape = tuple(np.shape(logits))
-    labels = checks.check_labels(
+    logits_shape = tuple(np.shape(check_logit_shape(logits)))
+    checks.check_labels(
         where,
         labels,
         logits_shape,
@@ -543,38 +570,57 @@ def standard_kernel(
         integer=label_rule.integer,
         has_vocabulary=config.label_vocabulary is not None,
     )
-    weights = checks.check_weights(
+    checks.check_weights(
         where, row_weights.weights, logits_shape, per_logit=per_logit_weights
     )
-    mask = checks.check_mask(where, row_weights.mask, logits_shape)
-    label_present, logit_present = presence(logits, labels, RowWeights(weights, mask))
-    validate_logits(logits, logit_present)
-    if label_rule.ok is not None:
-      def labels_ok():
-        valid = label_rule.ok(expand_labels(labels, len(logits_shape)))
-        if label_present is not None:
-          valid = valid | ~label_present
-        return jnp.all(valid)
+    checks.check_mask(where, row_weights.mask, logits_shape)
 
-      checks.require(
-          labels_ok,
-          f"{where}: labels must be {label_rule.message}",
-          labels,
-          *([] if mask is None else [mask]),
-          detail=lambda: checks.describe_values(labels, label_present),
+  def value_checks(logits, labels, row_weights):
+    logits = jnp.asarray(logits)
+    labels = expand_labels(labels, logits.ndim)
+    label_present, logit_present = presence(logits, labels, row_weights)
+    results = {
+        "logits must be finite (no NaN or infinity)": checks.ValueCheck(
+            checks.all_finite(logits, logit_present)
+        )
+    }
+    if logits_check is not None:
+      results.update(
+          logits_check(logits if logit_present is None else jnp.where(logit_present, logits, 0))
       )
+    if label_rule.ok is not None:
+      valid = label_rule.ok(labels)
+      if label_present is not None:
+        valid = valid | ~label_present
+      results[f"labels must be {label_rule.message}"] = checks.ValueCheck(
+          jnp.all(valid), labels, label_present
+      )
+    weights = row_weights.weights
     if weights is not None:
+      weights = jnp.asarray(weights)
       weight_present = None
       if label_present is not None:
         # Presence in the weights' own shape: per row, or per logit.
-        if np.ndim(weights) == len(logits_shape) and np.shape(weights)[-1] != 1:
+        if weights.ndim == logits.ndim and weights.shape[-1] != 1:
           weight_present = logit_present
         else:
           weight_present = jnp.any(label_present, axis=-1).reshape(
-              tuple(logits_shape[:-1]) + (1,) * (np.ndim(weights) - len(logits_shape) + 1)
+              tuple(logits.shape[:-1]) + (1,) * (weights.ndim - logits.ndim + 1)
           )
-      checks.require_finite(where, "weights", weights, where_present=weight_present)
-      checks.require_nonnegative(where, "weights", weights, where_present=weight_present)
+      results["weights must be finite (no NaN or infinity)"] = checks.ValueCheck(
+          checks.all_finite(weights, weight_present)
+      )
+      nonnegative = weights >= 0
+      if weight_present is not None:
+        nonnegative = nonnegative | ~weight_present
+      results["weights must be >= 0"] = checks.ValueCheck(jnp.all(nonnegative))
+    mask = row_weights.mask
+    if mask is not None and jnp.asarray(mask).dtype != bool:
+      mask = jnp.asarray(mask)
+      results["the mask must hold only 0 and 1 (or booleans)"] = checks.ValueCheck(
+          jnp.all((mask == 0) | (mask == 1))
+      )
+    return results
 
   def prepare(logits, labels, row_weights):
     logits = jnp.asarray(logits)
@@ -638,6 +684,7 @@ def standard_kernel(
       validate_logits=validate_logits,
       predictions=kernel_predictions,
       group_key=group_key,
+      value_checks=value_checks,
   )
 
 

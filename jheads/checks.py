@@ -6,17 +6,21 @@ Python type) with messages like `head 'species': labels must be ...`:
 * configuration, when a factory builds a head;
 * shapes and dtypes of logits, labels and weights, at trace time (so under
   `jit` too);
-* values (label ranges, finite inputs), which only concrete arrays can
-  reveal: they raise eagerly, and under `jit` only inside `checked`, which
-  runs them through `jax.experimental.checkify`.
+* values (label ranges, finite inputs, non-negative weights): they raise at
+  once where values are known (eager calls, un-jitted autodiff); under `jit`
+  the step builders of `jheads.training` (and `checked`) functionalize them
+  with `jax.experimental.checkify` and raise them as `ValueCheckError` when
+  the step's outputs are read on the host.
 """
 
 from __future__ import annotations
 
-import contextvars
+import functools
+import hashlib
 import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,25 +31,70 @@ ArrayLike = jax.typing.ArrayLike
 
 
 # ----------------------------------------------------------------------------
-# Value checks: eager when inputs are concrete, checkify under jit on request.
+# Value checks: eager when inputs are concrete, functionalized under jit.
 
-_VALUE_CHECKS = contextvars.ContextVar("jheads_value_checks", default=False)
+
+class ValueCheckError(ValueError):
+  """A value check failed: a bad label, a non-finite input, a negative weight."""
+
+
+def _checks_state():
+  """Whether value checks are traced into the computation, as jax state.
+
+  It must be part of jit's cache key: a function traced once without checks
+  and cached must be traced again when checks are on, and the other way
+  round. A plain context variable is invisible to jax's caches, which is how
+  `jax.jit(checked(f))` used to check nothing after `f` had run once. jax
+  keeps such state in its config; `bool_state` is how jax itself declares
+  options that enter the jit key.
+  """
+  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+
+  return jax_config.bool_state(
+      name="jheads_value_checks",
+      default=False,
+      help="Trace jheads' value checks into computations (set by jheads).",
+      include_in_jit_key=True,
+      include_in_trace_context=True,
+  )
+
+
+_VALUE_CHECKS = _checks_state()
+
+
+def checks_enabled() -> bool:
+  return bool(_VALUE_CHECKS.value)
+
+
+def with_value_checks(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn`, traced with value checks on (as `checkify.check`s to functionalize)."""
+
+  def fn_with_checks(*args, **kwargs):
+    with _VALUE_CHECKS(True):
+      return fn(*args, **kwargs)
+
+  return fn_with_checks
 
 
 def checked(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
-  """Makes jheads' value checks (label ranges, finite inputs) work under jit.
+  """Makes jheads' value checks (label ranges, finite inputs) report under jit.
 
-  Outside `checked`, value checks run only on concrete inputs (eager calls);
-  under `jax.jit` they cannot raise and are left out. `checked(fn)` traces
-  `fn` with the checks on and functionalizes them with
-  `jax.experimental.checkify`, so `fn` can be jitted and still report them.
+  The step builders of `jheads.training` check values by themselves; this is
+  for functions you write around head functions. Outside `checked` and the
+  step builders, value checks run only where values are concrete (eager
+  calls, also under an un-jitted `jax.grad`). `checked(fn)` traces `fn` with
+  the checks on and functionalizes them with `jax.experimental.checkify`, so
+  the result can be jitted and still report them. Whether checks are on is
+  part of jax's trace cache key, so a jitted function traced before without
+  checks is traced again, and a later plain call is unaffected.
 
   Args:
     fn: any function that calls head functions, e.g. `head.loss_fn`.
 
   Returns:
-    A function with `fn`'s arguments returning `(error, fn's output)`; call
-    `error.throw()` to raise the first failed check, if any.
+    A function with `fn`'s arguments returning `(errors, fn's output)`:
+    `errors` is a `StepErrors` (a pytree); `errors.get()` is the first failed
+    check's message or None, `errors.throw()` raises it.
 
   Example:
     >>> import jax, jax.numpy as jnp, jheads
@@ -55,15 +104,13 @@ def checked(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
     >>> err.get()  # doctest: +ELLIPSIS
     'binary_classification_head: labels must be in [0, 1]...
   """
+  checked_fn = checkify.checkify(with_value_checks(fn), errors=checkify.user_checks)
 
-  def fn_with_checks(*args, **kwargs):
-    token = _VALUE_CHECKS.set(True)
-    try:
-      return fn(*args, **kwargs)
-    finally:
-      _VALUE_CHECKS.reset(token)
+  def run(*args, **kwargs):
+    error, out = checked_fn(*args, **kwargs)
+    return StepErrors(error), out
 
-  return checkify.checkify(fn_with_checks, errors=checkify.user_checks)
+  return run
 
 
 def is_concrete(*values: Any) -> bool:
@@ -74,13 +121,25 @@ def is_concrete(*values: Any) -> bool:
   )
 
 
+def _known_value(value: Any) -> Any:
+  """The concrete value behind an eager autodiff tracer, or None under jit."""
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+
+  to_concrete = getattr(core, "to_concrete_value", None)
+  return None if to_concrete is None else to_concrete(value)
+
+
 def require(
     ok: Callable[[], ArrayLike],
     message: str,
     *operands: Any,
     detail: Callable[[], str] | None = None,
 ) -> None:
-  """Checks a value condition: raises now if `operands` are concrete.
+  """Checks a value condition wherever its values can be known.
+
+  Raises now if the values are concrete, or known behind an eager
+  `jax.grad` / `jax.vjp`; under a jit trace with checks on (the step
+  builders, `checked`), stages a `checkify.check`; otherwise does nothing.
 
   Args:
     ok: computes a boolean scalar, true when the values are valid.
@@ -93,10 +152,248 @@ def require(
     with jax.ensure_compile_time_eval():
       valid = bool(ok())
     if not valid:
-      raise ValueError(f"{message} (got {detail()})" if detail else message)
-  elif _VALUE_CHECKS.get():
+      raise ValueCheckError(f"{message} (got {detail()})" if detail else message)
+    return
+  enabled = checks_enabled()
+  tracers = [x for x in jax.tree.leaves(operands) if isinstance(x, jax.core.Tracer)]
+  if not enabled and any(_known_value(x) is None for x in tracers):
+    return
+  valid = ok()
+  known = _known_value(valid)
+  if known is not None:
+    if not bool(known):
+      raise ValueCheckError(message)
+  elif enabled:
     # checkify treats the message as a format string.
-    checkify.check(ok(), message.replace("{", "{{").replace("}", "}}"))
+    checkify.check(valid, message.replace("{", "{{").replace("}", "}}"))
+
+
+class ValueCheck(NamedTuple):
+  """One value condition of a head's inputs, computed, not yet enforced.
+
+  Pure and vmappable: `multi_head` computes the checks of a group of like
+  heads as one vectorized computation and enforces them head by head.
+
+  Attributes:
+    ok: bool scalar, true when the values are valid.
+    values: optionally, the values to describe in an eager error.
+    present: optionally, which of `values` take part.
+  """
+
+  ok: Any
+  values: Any = None
+  present: Any = None
+
+
+def should_check(*operands: Any) -> bool:
+  """Whether value checks on `operands` can have an effect here (eager, or checks on)."""
+  if checks_enabled() or is_concrete(*operands):
+    return True
+  return all(
+      _known_value(x) is not None
+      for x in jax.tree.leaves(operands)
+      if isinstance(x, jax.core.Tracer)
+  )
+
+
+def enforce(where: str, results: Mapping[str, ValueCheck]) -> None:
+  """Enforces one head's computed value checks: `"<where>: <problem>"` for the first that fails."""
+  enforce_all([where], jax.tree.map(lambda x: jnp.asarray(x)[None], dict(results)))
+
+
+def enforce_all(descriptions: Sequence[str], results: Mapping[str, ValueCheck]) -> None:
+  """Enforces the value checks of several heads, computed stacked (`[n_heads]` each).
+
+  Eagerly, raises `"<head>: <problem>"` for the first head (in order) that
+  fails. Under a trace with checks on, stages one `checkify.check` for all
+  of them: its payload is the index of the first failure, which
+  `StepErrors` turns back into the head's message on the host. One check
+  instead of one per head and problem keeps a step with many heads cheap.
+  """
+  problems = list(results)
+  if not problems:
+    return
+  oks = [results[p].ok for p in problems]
+  known = [_known_value(x) if isinstance(x, jax.core.Tracer) else x for x in oks]
+  if all(k is not None for k in known):
+    known = [np.asarray(k).reshape(len(descriptions)) for k in known]
+    for h, where in enumerate(descriptions):
+      for p, problem in enumerate(problems):
+        if not known[p][h]:
+          check = results[problem]
+          message = f"{where}: {problem}"
+          if check.values is not None and is_concrete(check.values, check.present):
+            values = np.asarray(check.values)[h]
+            present = None if check.present is None else np.asarray(check.present)[h]
+            message += f" (got {describe_values(values, present)})"
+          raise ValueCheckError(message)
+    return
+  if not checks_enabled():
+    return
+  flags = jnp.stack([jnp.reshape(ok, (len(descriptions),)) for ok in oks], axis=1).reshape(-1)
+  messages = tuple(f"{where}: {problem}" for where in descriptions for problem in problems)
+  checkify.check(jnp.all(flags), _encode(messages), jnp.argmin(flags))
+
+
+_MESSAGES: dict[str, tuple[str, ...]] = {}
+_ENCODED = re.compile(r"jheads-check:([0-9a-f]{16}):(\d+)")
+
+
+def _encode(messages: tuple[str, ...]) -> str:
+  """A checkify message standing for `messages[payload]`, decoded by `decode_message`."""
+  key = hashlib.sha256("\n".join(messages).encode()).hexdigest()[:16]
+  _MESSAGES.setdefault(key, messages)
+  return f"jheads-check:{key}:{{}}"
+
+
+def decode_message(message: str) -> str:
+  """The head's message behind a checkify message (see `enforce_all`)."""
+  message = message.removesuffix(" (`check` failed)")
+  match = _ENCODED.fullmatch(message)
+  if match is None:
+    return message
+  return _MESSAGES[match.group(1)][int(match.group(2))]
+
+
+def all_finite(values: Any, present: Any = None) -> jax.Array:
+  """Whether every (present) entry of `values` is finite."""
+  finite = jnp.isfinite(jnp.asarray(values))
+  if present is not None:
+    finite = finite | ~present
+  return jnp.all(finite)
+
+
+class StepErrors:
+  """The value checks of a traced computation, carried out with its outputs.
+
+  A pytree (checkify's error: a flag, a code and a payload), so it travels
+  through `jit`, `pmap` and `shard_map` outputs. `get` gives the first
+  failed check's message (None if all passed), `throw` and
+  `raise_if_failed` raise it as a `ValueCheckError`; the step builders'
+  outputs call `raise_if_failed` whenever they are read on the host.
+  """
+
+  def __init__(self, error: Any):
+    self.error = error
+
+  def get(self) -> str | None:
+    error = self.error
+    if error is None or not is_concrete(jax.tree.leaves(error)):
+      return None
+    leaves = jax.tree.leaves(error)
+    if any(np.ndim(x) for x in leaves):
+      # Stacked over devices (pmap with mapped outputs): the first failure.
+      for i in range(np.shape(leaves[0])[0]):
+        message = StepErrors(jax.tree.map(lambda x, i=i: x[i], error)).get()
+        if message is not None:
+          return message
+      return None
+    message = error.get()
+    return None if message is None else decode_message(message)
+
+  def raise_if_failed(self) -> None:
+    message = self.get()
+    if message is not None:
+      raise ValueCheckError(message)
+
+  throw = raise_if_failed
+
+
+jax.tree_util.register_pytree_node(
+    StepErrors,
+    lambda e: ((e.error,), None),
+    lambda _, children: StepErrors(children[0]),
+)
+
+
+def functionalize(
+    fn: Callable[..., Any], *, axis_name: Any = None
+) -> Callable[..., tuple[StepErrors, Any]]:
+  """`fn` with value checks on, returning `(StepErrors, fn's output)`.
+
+  Under `axis_name` (pmap, shard_map) the errors are made the same on every
+  shard: each shard gets those of the first shard that failed.
+  """
+  checked_fn = checkify.checkify(with_value_checks(fn), errors=checkify.user_checks)
+
+  def run(*args, **kwargs):
+    error, out = checked_fn(*args, **kwargs)
+    if axis_name is not None:
+      error = _first_failure(error, axis_name)
+    errors = StepErrors(error)
+    # An un-jitted step knows at once.
+    errors.raise_if_failed()
+    return errors, out
+
+  return run
+
+
+def _first_failure(error: Any, axis_name: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(error)
+  if not leaves:
+    return error
+  failed = jnp.any(jnp.stack([jnp.any(x) for x in leaves if x.dtype == bool]))
+  index = jax.lax.axis_index(axis_name)
+  first = jax.lax.pmin(jnp.where(failed, index, jnp.iinfo(jnp.int32).max), axis_name)
+  mine = index == first
+  shared = [
+      jax.lax.psum(jnp.where(mine, x, jnp.zeros_like(x)).astype(jnp.int32), axis_name).astype(
+          x.dtype
+      )
+      for x in leaves
+  ]
+  return jax.tree.unflatten(treedef, shared)
+
+
+class CheckedDict(dict):
+  """A dict of step outputs (statistics, predictions) that raises failed value checks when read.
+
+  Reading means flattening it as a pytree (`jax.device_get`,
+  `jheads.metrics.merge` and `compute`, `jax.tree.map`, passing it to a
+  jitted function) or iterating its items on the host. Inside a trace it is
+  a plain dict of tracers.
+  """
+
+  def __init__(self, values: Mapping[Any, Any], errors: StepErrors | None = None):
+    super().__init__(values)
+    self.errors = errors
+
+  def check(self) -> "CheckedDict":
+    if self.errors is not None:
+      self.errors.raise_if_failed()
+    return self
+
+  def __getitem__(self, key):
+    self.check()
+    return super().__getitem__(key)
+
+  def items(self):
+    self.check()
+    return super().items()
+
+  def values(self):
+    self.check()
+    return super().values()
+
+
+def _flatten_checked_dict(d: CheckedDict):
+  keys = tuple(sorted(dict.keys(d)))
+  values = [dict.__getitem__(d, k) for k in keys]
+  if d.errors is None or not is_concrete(d.errors):
+    return values + [d.errors], (keys, True)
+  # Read on the host: raise, or drop the errors, which then carry nothing.
+  d.check()
+  return values, (keys, False)
+
+
+def _unflatten_checked_dict(aux, children):
+  keys, with_errors = aux
+  if with_errors:
+    return CheckedDict(dict(zip(keys, children[:-1])), children[-1])
+  return CheckedDict(dict(zip(keys, children)))
+
+
+jax.tree_util.register_pytree_node(CheckedDict, _flatten_checked_dict, _unflatten_checked_dict)
 
 
 # ----------------------------------------------------------------------------

@@ -214,7 +214,38 @@ def multi_head(
     for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
       head.kernel.validate(lo, la, w)
     per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
-    return _Inputs(per_head, *grouping(logits, per_head))
+    inputs = _Inputs(per_head, *grouping(logits, per_head))
+    if checks.should_check(logits, labels, per_head_weights):
+      value_checks(inputs)
+    else:
+      for head, (lo, la, w) in zip(heads, per_head):
+        base.check_inputs(head.kernel, head.config.description, lo, la, w)
+    return inputs
+
+  def value_checks(inputs: _Inputs) -> None:
+    """Each head's value checks; one vectorized computation per group of like heads."""
+    for indices in inputs.groups:
+      kernel = heads[indices[0]].kernel
+      if kernel.value_checks is None:
+        for i in indices:
+          base.check_inputs(kernel, heads[i].config.description, *inputs.per_head[i])
+        continue
+      if len(indices) == 1:
+        results = jax.tree.map(lambda x: x[None], kernel.value_checks(*inputs.per_head[indices[0]]))
+      else:
+        labels = _stack([inputs.per_head[i][1] for i in indices])
+        weights, weights_axis = _stack_or_share([inputs.per_head[i][2] for i in indices])
+        results = jax.vmap(kernel.value_checks, in_axes=(0, 0, weights_axis))(
+            inputs.group_logits(indices), labels, weights
+        )
+      checks.enforce_all([heads[i].config.description for i in indices], results)
+
+  def enforce_finite(what: str, indices: Any, ok: Any) -> None:
+    """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
+    checks.enforce_all(
+        [heads[i].config.description for i in indices],
+        {f"{what} must be finite (no NaN or infinity){checks.OVERFLOW_HINT}": checks.ValueCheck(ok)},
+    )
 
   def evaluate(
       inputs: _Inputs,
@@ -252,15 +283,17 @@ def multi_head(
     groups = grouped_losses(logits, labels, features, axis_name)
     order = np.concatenate([indices for indices, _ in groups])
     losses = jnp.concatenate([group_losses for _, group_losses in groups])
+    weights = weights[order]
+    if checks.should_check(losses, weights):
+      enforce_finite("the loss", order, jnp.isfinite(losses) | (weights == 0))
+    # A head weighted 0 adds nothing, even when its loss is infinite (0 * inf).
+    weighted = jnp.where(weights == 0, 0.0, losses)
     # HIGHEST: a float32 loss must not go through a bf16 matmul pass on TPU.
-    total = jnp.dot(weights[order], losses, precision=jax.lax.Precision.HIGHEST)
+    total = jnp.dot(weights, weighted, precision=jax.lax.Precision.HIGHEST)
     per_head = {}
     for indices, group_losses in groups:
       for j, i in enumerate(indices):
         per_head[i] = group_losses[j]
-        checks.require_finite(
-            heads[i].config.description, "the loss", per_head[i], hint=checks.OVERFLOW_HINT
-        )
     return total, {names[i]: per_head[i] for i in range(len(heads))}
 
   def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
@@ -282,15 +315,17 @@ def multi_head(
     loss_stats, head_stats = {}, {}
     for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics):
       group_losses = base.reduce_loss(terms, axis_name)
+      if checks.should_check(group_losses, stats):
+        finite = [
+            jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+            for x in jax.tree.leaves(stats)
+        ]
+        enforce_finite("the metric statistics", indices, jnp.all(jnp.stack(finite), axis=0))
       for j, i in enumerate(indices):
         loss_stats[f"loss/{names[i]}"] = metrics.Ratio(
             group_losses[j], count.astype(group_losses.dtype)
         )
         own_stats = jax.tree.map(lambda x, j=j: x[j], stats)
-        checks.require_finite(
-            heads[i].config.description, "the metric statistics", own_stats,
-            hint=checks.OVERFLOW_HINT,
-        )
         head_stats[i] = base.suffix_keys(own_stats, names[i])
     merged = {f"loss/{n}": loss_stats[f"loss/{n}"] for n in names}
     for i in range(len(heads)):

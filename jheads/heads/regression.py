@@ -176,7 +176,7 @@ def poisson_regression_head(
           convert=lambda labels, dtype: labels.astype(dtype),
       ),
       static_options=(bool(compute_full_loss),),
-      logits_check=_check_exp_overflow,
+      logits_check=_exp_overflow_checks,
   )
 
 
@@ -240,14 +240,14 @@ def _squared_error(batch: base.Batch) -> jax.Array:
   return optax.losses.squared_error(batch.logits, batch.labels)
 
 
-def _check_exp_overflow(where: str, logits: Any) -> None:
+def _exp_overflow_checks(logits: Any) -> dict[str, checks.ValueCheck]:
   dtype = base.compute_dtype(logits.dtype)
   bound = float(np.log(np.finfo(dtype).max))
-  checks.require(
-      lambda: jnp.all(jnp.asarray(logits, dtype) < bound),
-      f"{where}: logits must be below {bound:.4g}: exp(logits) overflows {dtype}",
-      logits,
-  )
+  return {
+      f"logits must be below {bound:.4g}: exp(logits) overflows {dtype}": checks.ValueCheck(
+          jnp.all(jnp.asarray(logits, dtype) < bound)
+      )
+  }
 
 
 def _regression(
@@ -264,7 +264,7 @@ def _regression(
     inverse_link_fn: Callable[[jax.Array], jax.Array] | None,
     label_rule: base.LabelRule,
     static_options: tuple[Any, ...] = (),
-    logits_check: Callable[[str, Any], None] | None = None,
+    logits_check: Callable[[Any], dict[str, checks.ValueCheck]] | None = None,
 ) -> base.Head:
   name = checks.check_name(name, kind)
   where = base.describe(kind, name)
