@@ -10,6 +10,7 @@ streams over batches and psums over devices exactly.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -204,9 +205,9 @@ def custom_elements(
 
 
 def _sort_key(scores: jax.Array) -> jax.Array:
-  # Adding 0.0 turns -0.0 into 0.0: lax.sort orders floats totally, and the
-  # two must tie.
-  return -scores + 0.0
+  # Ascending sort of -s is a descending sort of s; lax.sort ties -0.0 with 0.0
+  # (as tf.math.top_k does), so no canonicalization is needed.
+  return -scores
 
 
 def ranks(scores: jax.Array, where: jax.Array | None = None) -> jax.Array:
@@ -404,8 +405,6 @@ def _check_custom_loss(where: str, loss_fn: Any) -> Callable[..., Any] | None:
     return None
   if not callable(loss_fn):
     raise TypeError(f"{where}: loss_fn must be callable, got {type(loss_fn).__name__}.")
-  import inspect  # pylint: disable=g-import-not-at-top
-
   try:
     parameters = inspect.signature(loss_fn).parameters
   except (TypeError, ValueError):
@@ -667,8 +666,8 @@ def ranking_head(
     )
 
   def statistics(batch):
-    stats = metric_statistics(Prepared.of(batch), specs)
     p = Prepared.of(batch)
+    stats = metric_statistics(p, specs)
     count = jnp.sum(p.valid.astype(p.logits.dtype))
     stats["labels_mean"] = metrics_lib.Ratio(jnp.sum(p.labels), count)
     stats["logits_mean"] = metrics_lib.Ratio(jnp.sum(p.logits), count)
