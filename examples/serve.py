@@ -5,7 +5,10 @@ island) and feeds a multi_head: `species` (3 classes), `sex` (binary, with
 class names) and `body_mass` (regression, in kg). After a few hundred Adam
 steps the model is exported with `jheads.export.save`, and a separate Python
 process, which imports only jax, numpy and `jheads.export` (not this file),
-loads the artifact and prints its predictions with class names.
+loads the artifact and prints its predictions with class names. `load`
+checks the artifact first (every module's SHA-256, its paths, shapes and
+dtypes), and pads each request to a batch bucket, so requests of new sizes
+reuse the programs already compiled.
 
     python examples/serve.py [--out DIR]
 
@@ -41,10 +44,15 @@ import json, sys
 import numpy as np
 import jheads.export
 
-signatures = jheads.export.load(sys.argv[1])
+signatures = jheads.export.load(sys.argv[1], batch_buckets=(1, 16, 128))
 request = json.load(sys.stdin)
 print("served signatures:", ", ".join(sorted(signatures)))
 out = signatures["predict"](request["features"])
+# Requests of 1 to 128 rows: each runs padded to a bucket compiled once.
+for n in (1, 5, 9, 16, 40, 128):
+  part = signatures["predict"]({k: v[:n] for k, v in request["features"].items()})
+  assert all(np.array_equal(part[k], out[k][:n]) for k in ("species/classes", "sex/classes"))
+print("predict compiled batch sizes:", list(signatures["predict"].compiled_batch_sizes))
 truth = request["truth"]
 print(f"{'species':>9s} {'p':>5s} {'sex':>6s} {'p':>5s} {'mass kg':>7s}   true")
 for i in range(min(8, len(truth["species"]))):

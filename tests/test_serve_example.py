@@ -30,6 +30,8 @@ def test_serve_example(tmp_path):
   rows = re.findall(r"^\s*(Adelie|Chinstrap|Gentoo)\s+[\d.]+\s+(female|male)\s+[\d.]+\s+[\d.]+\s", out, re.M)
   assert len(rows) == 8
   assert "serving_default outputs: ['classes', 'scores'] classes: ['Adelie', 'Chinstrap', 'Gentoo']" in out
+  # 67 test rows and requests of 1 to 128 rows compile the three buckets only.
+  assert "predict compiled batch sizes: [1, 16, 128]" in out
 
   def accuracy(source, head):
     return float(re.search(rf"^{source} accuracy/{head} ([\d.]+)$", out, re.M).group(1))
