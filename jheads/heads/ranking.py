@@ -562,34 +562,18 @@ def ranking_head(
 
   def validate_logits(logits):
     logits = check_logits(logits)
-    # -inf ranks an item last; only NaN has no rank.
-    checks.require(
-        lambda: jnp.logical_not(jnp.any(jnp.isnan(jnp.asarray(logits)))),
-        f"{where}: logits must not be NaN for predictions (use -inf to rank an item last)",
-        logits,
-    )
-
-  def check_mask(mask, shape):
-    """An item mask `[D0..DN, L]`, or a row mask `[D0..DK]` (e.g. a multi_head's), as given."""
-    if mask is None:
-      return None
-    mask = checks.as_array(mask)
-    if tuple(mask.shape) != shape:
-      # Not per item: it must be a row mask (checked by the shared rule).
-      return checks.check_mask(where, mask, shape)
-    if not (jnp.issubdtype(mask.dtype, jnp.number) or mask.dtype == bool):
-      raise ValueError(f"{where}: the mask must be bool or 0/1 numbers, got dtype {mask.dtype}.")
-    if mask.dtype != bool:
-      checks.require(
-          lambda: jnp.all((mask == 0) | (mask == 1)),
-          f"{where}: the mask must hold only 0 and 1 (or booleans)",
-          mask,
-      )
-    return mask
+    if checks.should_check(logits):
+      # -inf ranks an item last; only NaN has no rank.
+      checks.enforce(where, {
+          "logits must not be NaN for predictions (give padded items -inf to rank"
+          " them last)": checks.ValueCheck(
+              jnp.logical_not(jnp.any(jnp.isnan(jnp.asarray(logits))))
+          ),
+      })
 
   def validate(logits, labels, row_weights):
-    logits = check_logits(logits)
-    shape = tuple(logits.shape)
+    """Shapes and dtypes, at trace time; values are `value_checks`' job."""
+    shape = tuple(check_logits(logits).shape)
     if labels is None:
       raise ValueError(f"{where}: labels are required, got None.")
     if isinstance(labels, Mapping):
@@ -604,33 +588,51 @@ def ranking_head(
           f"{where}: labels shape {tuple(labels.shape)} must equal logits shape {shape}"
           " (one label per item; pad with -1)."
       )
-    weights = checks.check_weights(where, row_weights.weights, shape, per_logit=True)
-    mask = check_mask(row_weights.mask, shape)
-    checks.require_finite(
-        where, "labels", labels, hint="; mark padding with a negative label such as -1"
-    )
-    valid = valid_items(labels, mask, shape)
-    checks.require_finite(
-        where, "logits at valid items", logits, where_present=valid,
-        hint=" (padded items may hold anything)",
-    )
+    checks.check_weights(where, row_weights.weights, shape, per_logit=True)
+    mask = row_weights.mask
+    if mask is not None:
+      mask = checks.as_array(mask)
+      if tuple(mask.shape) != shape:
+        # Not per item: then a row mask (a multi_head's), `[D0..DK]`.
+        checks.check_mask(where, mask, shape)
+      elif not (jnp.issubdtype(mask.dtype, jnp.number) or mask.dtype == bool):
+        raise ValueError(
+            f"{where}: the mask must be bool or 0/1 numbers, got dtype {mask.dtype}."
+        )
+
+  def value_checks(logits, labels, row_weights):
+    """Label, logit, weight and mask values: pure and vmappable, enforced by the caller."""
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    valid = valid_items(labels, row_weights.mask, tuple(logits.shape))
+    results = {
+        "labels must be finite (no NaN or infinity); mark padding with a negative"
+        " label such as -1": checks.ValueCheck(checks.all_finite(labels)),
+        "logits must be finite (no NaN or infinity) at valid items (padded items"
+        " may hold anything)": checks.ValueCheck(checks.all_finite(logits, valid)),
+    }
     if sigmoid_labels:
-      checks.require(
-          lambda: jnp.all((jnp.asarray(labels) <= 1) | ~valid),
-          f"{where}: the sigmoid_cross_entropy loss needs labels in [0, 1] at valid items",
-          labels, valid,
-          detail=lambda: checks.describe_values(labels, valid),
+      results["the sigmoid_cross_entropy loss needs labels in [0, 1] at valid items"] = (
+          checks.ValueCheck(jnp.all((labels <= 1) | ~valid), labels, valid)
       )
     if ndcg_labels:
-      checks.require(
-          lambda: jnp.all((jnp.asarray(labels) < _MAX_NDCG_LABEL) | ~valid),
-          f"{where}: NDCG metrics need labels below 128 at valid items (2**label"
-          " overflows float32)",
-          labels, valid,
-      )
+      results[
+          "NDCG metrics need labels below 128 at valid items (2**label overflows float32)"
+      ] = checks.ValueCheck(jnp.all((labels < _MAX_NDCG_LABEL) | ~valid), labels, valid)
+    weights = row_weights.weights
     if weights is not None:
-      checks.require_finite(where, "weights", weights)
-      checks.require_nonnegative(where, "weights", weights)
+      weights = jnp.asarray(weights)
+      results["weights must be finite (no NaN or infinity)"] = checks.ValueCheck(
+          checks.all_finite(weights)
+      )
+      # NaN is the finiteness check's to report.
+      results["weights must be >= 0"] = checks.ValueCheck(jnp.all(~(weights < 0)))
+    mask = row_weights.mask
+    if mask is not None and jnp.asarray(mask).dtype != bool:
+      mask = jnp.asarray(mask)
+      results["the mask must hold only 0 and 1 (or booleans)"] = checks.ValueCheck(
+          jnp.all((mask == 0) | (mask == 1))
+      )
+    return results
 
   def prepare(logits, labels, row_weights):
     logits = jnp.asarray(logits)
@@ -693,5 +695,6 @@ def ranking_head(
       validate_logits=validate_logits,
       predictions=predictions,
       group_key=group_key,
+      value_checks=value_checks,
   )
   return base.make_head(config, kernel)
