@@ -93,10 +93,10 @@ def valid_items(labels: Any, mask: Any, shape: tuple[int, ...]) -> jax.Array:
 
 
 def softmax_elements(p: Prepared, temperature: float) -> tuple[jax.Array, jax.Array]:
-  """Listwise softmax: `ℓ = CE(u / U, softmax(s))` per list, `ω = U = Σ y w`."""
+  """Listwise softmax: `loss = CE(u / U, softmax(s))` per list, weight `U = sum(y w)`."""
   del temperature
   label_mass = jnp.sum(p.labels * p.weights, axis=-1)
-  # Σ ω ℓ per list; optax masks invalid items with -inf, TF with log(1e-10)
+  # weight * loss per list; optax masks invalid items with -inf, TF with log(1e-10)
   # (which is wrong when valid logits are below -23).
   weighted = optax.losses.ranking_softmax_loss(
       p.logits, p.labels, where=p.valid, weights=p.weights, reduce_fn=None
@@ -107,7 +107,7 @@ def softmax_elements(p: Prepared, temperature: float) -> tuple[jax.Array, jax.Ar
 
 
 def _pairs(p: Prepared) -> tuple[jax.Array, jax.Array]:
-  """Pairwise logit differences `s_i - s_j` and pair weights `w_i [v_i ∧ v_j ∧ y_i > y_j]`."""
+  """Logit differences `s_i - s_j` and pair weights `w_i [v_i and v_j and y_i > y_j]`."""
   differences = p.logits[..., :, None] - p.logits[..., None, :]
   ordered = (
       p.valid[..., :, None]
@@ -135,28 +135,30 @@ def pairwise_hinge_elements(p: Prepared, temperature: float) -> tuple[jax.Array,
 def sigmoid_cross_entropy_elements(
     p: Prepared, temperature: float
 ) -> tuple[jax.Array, jax.Array]:
-  """Pointwise sigmoid cross-entropy on labels in [0, 1], `ω = w` at valid items."""
+  """Pointwise sigmoid cross-entropy on labels in [0, 1], weighted `w` at valid items."""
   del temperature
   return base.sigmoid_cross_entropy(p.logits, p.labels), p.weights
 
 
 def mean_squared_elements(p: Prepared, temperature: float) -> tuple[jax.Array, jax.Array]:
-  """Pointwise squared error `(y - s)²`, `ω = w` at valid items."""
+  """Pointwise squared error `(y - s)**2`, weighted `w` at valid items."""
   del temperature
   return jnp.square(p.labels - p.logits), p.weights
 
 
-def _ideal_discounted_sum(gains: jax.Array, discount: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """`Σ_p g_(p) discount(p)` over gains sorted in descending order."""
+def _ideal_discounted_sum(
+    gains: jax.Array, discount: Callable[[jax.Array], jax.Array]
+) -> jax.Array:
+  """`sum_p g_(p) discount(p)` over gains sorted in descending order."""
   ordered = -jnp.sort(-gains, axis=-1)
   positions = jnp.arange(1, gains.shape[-1] + 1, dtype=gains.dtype)
   return jnp.sum(ordered * discount(positions), axis=-1)
 
 
 def approx_ndcg_elements(p: Prepared, temperature: float) -> tuple[jax.Array, jax.Array]:
-  """ApproxNDCG: `ℓ = -NDCG` with sigmoid-smoothed ranks, one element per list."""
+  """ApproxNDCG: `loss = -NDCG` with sigmoid-smoothed ranks, one element per list."""
   scaled = p.logits / temperature
-  # rank_i = 1 + Σ_{j ≠ i valid} σ(t_j - t_i); the self term σ(0) is 1/2.
+  # rank_i = 1 + sum_{valid j != i} sigmoid(t_j - t_i); the self term is 1/2.
   smoothed = jax.nn.sigmoid(scaled[..., None, :] - scaled[..., :, None])
   ranks = 0.5 + jnp.sum(jnp.where(p.valid[..., None, :], smoothed, 0.0), axis=-1)
   # Max-shifted gains 2^(y - m) - 2^(-m) (TF's _safe_default_gain_fn): the
@@ -240,7 +242,7 @@ def ranks(scores: jax.Array, where: jax.Array | None = None) -> jax.Array:
 
 
 def _list_weights(relevance: jax.Array, weights: jax.Array, count: jax.Array) -> jax.Array:
-  """Ω per list: `Σ w R / Σ R`; the mean valid item weight without relevance; 0 if empty.
+  """List weights: `sum(w R) / sum(R)`; the mean valid item weight without relevance; 0 if empty.
 
   TF-Ranking gives an empty list a positive weight and a list without
   relevance the batch's mean weight; both break additivity (spec R5.3).
@@ -258,7 +260,7 @@ def _discount(positions: jax.Array) -> jax.Array:
 def metric_statistics(
     p: Prepared, specs: Sequence[MetricSpec]
 ) -> dict[str, metrics_lib.Ratio]:
-  """Each metric as `Ratio(Σ_lists Ω · value, Σ_lists Ω)`.
+  """Each metric as `Ratio(sum over lists of weight * value, sum of list weights)`.
 
   Items with weight 0 are invalid for the metrics
   (`metrics_impl._prepare_and_validate_params`).
