@@ -27,8 +27,11 @@ with the spec's documented deviations applied so that equality is meaningful:
   is negligible (other losses get the logits unshifted);
 * `average_loss` (R5.5, R10.3): TF's loss metric is the MEAN-reduced loss
   (`tf.compat.v1.metrics.mean(losses, weights)`), but ApproxNDCG's forgets the
-  temperature; the MEAN-reduced loss with the temperature is recorded (and
-  checked here to equal `make_loss_metric_fn` for the other losses);
+  temperature; the MEAN-reduced loss with the temperature is recorded (on the
+  first six cases of each group this script checks, in graph mode, that it
+  equals `make_loss_metric_fn` for the other losses, and that
+  `make_ranking_metric_fn` and the head's `labels_mean`/`logits_mean` give the
+  values computed here);
 * a mask (jheads' `mask_column`, which TF-Ranking lacks) is given to TF as
   label -1 at masked-out items, its meaning by definition (R2).
 
