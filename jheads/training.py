@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jheads import _multitask_step
 from jheads import base
 from jheads import combinator
 from jheads import metrics
@@ -86,12 +87,35 @@ class TrainOutput(NamedTuple):
     regularization_loss: `regularization_fn(params)`, or None without one.
     metrics: the head's metric statistics of this batch, computed from the
       training logits, or None unless the step was built `with_metrics`.
+    head_weights: with a `weighting` or an `aggregator`, the `[n_heads]`
+      weights each head's unweighted loss gradient got this step, in head
+      order: the `head_weights` argument (or the multi_head's weights) times
+      `dS/dL` of the weighting, times the aggregator's weights when it has
+      Gramian weights; None for an aggregator without them (GradDrop) and
+      for the plain step.
   """
 
   loss: jax.Array
   head_losses: dict[str, jax.Array]
   regularization_loss: jax.Array | None = None
   metrics: base.Stats | None = None
+  head_weights: jax.Array | None = None
+
+
+class TrainState(NamedTuple):
+  """The state a multi-task train step threads: `init_train_state` makes it.
+
+  A pytree, replicated on every device, checkpointed with the parameters.
+
+  Attributes:
+    opt_state: the model optimizer's state.
+    weighting_state: the loss weighting's state, or None without one.
+    aggregator_state: the aggregator's state, or None without one.
+  """
+
+  opt_state: Any
+  weighting_state: Any = None
+  aggregator_state: Any = None
 
 
 def train_loss(
@@ -198,12 +222,43 @@ def make_train_step(
     regularization_fn: RegularizationFn | None = None,
     with_metrics: bool = False,
     axis_name: Any = None,
+    weighting: Any = None,
+    aggregator: Any = None,
+    shared: Any = None,
+    jacobian: str = "layers",
 ) -> Callable[..., tuple[Any, Any, TrainOutput]]:
   """Builds the train step (Estimator's TRAIN mode).
 
   The step is `(params, opt_state, features, labels, head_weights=None) ->
   (params, opt_state, TrainOutput)`. It runs the model once, differentiates
   `train_loss` and applies one optimizer update.
+
+  With a `weighting` or an `aggregator` (multi-task optimisation), the step
+  is `(params, state, features, labels, head_weights=None) -> (params,
+  state, TrainOutput)` with `state` a `TrainState` from `init_train_state`.
+  Still one forward pass, linearized as the vector `L` of the heads'
+  losses:
+
+  * the losses are scaled by the head weights (the `head_weights`
+    argument, else the multi_head's), `Ls = head_weights * L`, and the
+    objective is `S = weighting.loss(Ls, state)` (`sum(Ls)` without a
+    weighting), reported as `TrainOutput.loss` (plus the regularization
+    loss). Each head's loss gradient is weighted by `h = head_weights *
+    dS/dLs`;
+  * with an aggregator, the Jacobian of `h * L` with respect to the
+    `shared` parameters (one row per head: T backward passes, vmapped) is
+    combined by the aggregator, `combine(aggregator.weights(J J'), J)` or
+    `aggregator.update(J)`; the other parameters get the gradient of `S`
+    (one more backward pass, through the heads only). The regularization
+    gradient is added once, never aggregated. `aggregator=aggregation.sum()`
+    gives the plain step's update, to float rounding;
+  * after the optimizer update, `weighting.update(Ls, state)` (a weighting
+    that `needs_losses_after`, FAMO, first sees the batch's losses again
+    under the new parameters: the one extra forward pass).
+
+  Under `axis_name` the Jacobian is psum'd (never per-device Gramians, whose
+  sum drops the cross terms between devices), so every device solves the
+  same `[T, T]` problem and the states stay replicated.
 
   Args:
     head: a head or multi_head.
@@ -216,6 +271,22 @@ def make_train_step(
       the batch split over it and the parameters and optimizer state
       replicated. Gradients are psum'd, so every shard applies the update of
       the whole batch. Leave None under `jax.jit`, sharded or not.
+    weighting: a `jheads.weighting.LossWeighting`, or None.
+    aggregator: a `jheads.aggregation.Aggregator`, or None; needs a
+      multi_head.
+    shared: which parameters the aggregator's Jacobian is taken over, as an
+      optax mask: a pytree of bools with the structure of the parameters or
+      a prefix of it, or a callable `params -> mask`. Default: all. The
+      others (the heads' own, typically: each sees only its head's loss, so
+      their Jacobian rows would be wasted work) get the gradient of `S`, as
+      torchjd's `mtl_backward` and LibMTL do.
+    jacobian: how the Jacobian is computed: `"layers"` (default) takes the
+      rows of every parameter used as a `dot_general` operand (dense and
+      einsum layers) as `x' dY_i` from the layer's input and the per-head
+      cotangents of its output, one large matrix product each, and
+      differentiates the others directly; `"vmap"` vmaps the backward pass
+      over the heads for all of them. Both give the same Jacobian to float
+      rounding; "layers" is faster on dense models.
 
   Returns:
     The train step, unjitted. `head_weights` (`[n_heads]`) overrides a
@@ -234,7 +305,55 @@ def make_train_step(
     >>> params, _, out = step(params, optax.sgd(0.1).init(params), features, labels)
     >>> float(out.loss), float(out.head_losses["y"]), float(out.regularization_loss)
     (5.0, 4.0, 1.0)
+
+    With an aggregator, on two heads that pull a shared parameter opposite
+    ways (gradients -4 and 2): UPGrad weights them so that the step conflicts
+    with neither, and the shared parameter barely moves, where the plain sum
+    would step along -2.
+
+    >>> from jheads import aggregation
+    >>> head = jheads.multi_head([jheads.regression_head(name="a"),
+    ...                           jheads.regression_head(name="b")])
+    >>> apply_fn = lambda params, features: (
+    ...     features["x"] @ params["trunk"] @ params["heads"])
+    >>> params = {"trunk": jnp.ones((1, 1)), "heads": jnp.ones((1, 2))}
+    >>> tx, agg = optax.sgd(0.1), aggregation.upgrad()
+    >>> step = jax.jit(jheads.training.make_train_step(
+    ...     head, apply_fn, tx, aggregator=agg, shared={"trunk": True, "heads": False}))
+    >>> state = jheads.training.init_train_state(head, tx, params, aggregator=agg)
+    >>> features = {"x": jnp.ones((4, 1))}
+    >>> labels = {"a": jnp.full(4, 3.0), "b": jnp.zeros(4)}
+    >>> params, state, out = step(params, state, features, labels)
+    >>> out.head_weights.round(2).tolist()
+    [0.75, 1.5]
+    >>> round(float(params["trunk"][0, 0]), 3)
+    1.0
   """
+  where = "make_train_step"
+  _multitask_step.check_weighting(weighting, where)
+  _multitask_step.check_aggregator(aggregator, head, where)
+  _multitask_step.check_jacobian(jacobian, where)
+  if weighting is not None or aggregator is not None:
+    return _state_step(
+        _multitask_step.make_step(
+            head,
+            apply_fn,
+            optimizer,
+            regularization_fn=regularization_fn,
+            with_metrics=with_metrics,
+            axis_name=axis_name,
+            weighting=weighting,
+            aggregator=aggregator,
+            shared=shared,
+            jacobian=jacobian,
+            where=where,
+        )
+    )
+  if shared is not None:
+    raise ValueError(
+        f"{where}: shared selects the parameters of an aggregator's Jacobian;"
+        " it needs an aggregator."
+    )
 
   def train_step(params, opt_state, features, labels, head_weights=None):
     def objective(differentiable_params):
@@ -257,11 +376,175 @@ def make_train_step(
       (_, output), grads = jax.value_and_grad(objective, has_aux=True)(params)
     else:
       (_, output), grads = jax.value_and_grad(objective, has_aux=True)(
-          _per_shard(params, axis_name)
+          _multitask_step.per_shard(params, axis_name)
       )
       grads = jax.lax.psum(grads, axis_name)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, output
+
+  return train_step
+
+
+
+def init_train_state(
+    head: AnyHead,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    *,
+    weighting: Any = None,
+    aggregator: Any = None,
+) -> TrainState:
+  """The initial `TrainState` of a multi-task train step.
+
+  Args:
+    head: the head the step trains (its number of heads sizes the states).
+    optimizer: the model's optax optimizer.
+    params: the model's parameters.
+    weighting: the step's `jheads.weighting.LossWeighting`, or None.
+    aggregator: the step's `jheads.aggregation.Aggregator`, or None.
+
+  Returns:
+    `TrainState(optimizer.init(params), weighting.init(T), aggregator.init(T))`,
+    with None for an absent weighting or aggregator.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jheads
+    >>> from jheads import weighting
+    >>> head = jheads.multi_head([jheads.regression_head(name="a"),
+    ...                           jheads.regression_head(name="b")])
+    >>> state = jheads.training.init_train_state(
+    ...     head, optax.sgd(0.1), jnp.zeros((1, 2)), weighting=weighting.uncertainty())
+    >>> state.aggregator_state is None
+    True
+  """
+  where = "init_train_state"
+  _multitask_step.check_weighting(weighting, where)
+  _multitask_step.check_aggregator(aggregator, head, where)
+  n_heads = _multitask_step.n_heads_of(head)
+  return TrainState(
+      opt_state=optimizer.init(params),
+      weighting_state=None if weighting is None else weighting.init(n_heads),
+      aggregator_state=None if aggregator is None else aggregator.init(n_heads),
+  )
+
+
+def make_representation_train_step(
+    head: AnyHead,
+    trunk_fn: Callable[[Any, base.Features], Any],
+    heads_fn: Callable[[Any, Any], Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    aggregator: Any,
+    weighting: Any = None,
+    regularization_fn: RegularizationFn | None = None,
+    with_metrics: bool = False,
+    axis_name: Any = None,
+) -> Callable[..., tuple[Any, TrainState, TrainOutput]]:
+  """Builds a train step that aggregates at the trunk's output (an approximation).
+
+  The model is split in two: `trunk_fn(params, features) -> z`, the shared
+  representation (an array or pytree of arrays, one row per example), and
+  `heads_fn(params, z) -> logits`. The aggregator's weights come from the
+  Gramian of the Jacobian of the losses with respect to `z` (`[T, batch,
+  ...]`: T backward passes through the heads only), and the trunk gets one
+  backward pass of `sum_i w_i dL_i/dz`. This is LibMTL's `rep_grad`, the
+  MGDA-UB of Sener and Koltun (2018), torchjd's `mtl_backward(features=z)`
+  Jacobian taken at `z`: near the plain step's cost, where the parameter
+  Jacobian of `make_train_step` costs T backward passes through the trunk.
+
+  It is an approximation: the weights balance the heads' gradients with
+  respect to the representation, not to the trunk's parameters. Since
+  `dL_i/dtheta = (dz/dtheta)' dL_i/dz`, the two Gramians agree only when
+  `dz/dtheta` is an isometry; MGDA-UB minimises an upper bound of the
+  parameter-level objective. Methods whose guarantees are about parameter
+  gradients (UPGrad's non-conflict, Nash-MTL's bargaining) hold for the
+  representation's gradients only. The heads' own parameters get the
+  gradient of the weighting's objective, as in `make_train_step`.
+
+  Under `axis_name`, each device's `z` holds its own examples, so the
+  global Jacobian's columns are split over the devices and its Gramian is
+  exactly the psum of theirs (unlike the parameter Jacobian's, which must
+  be psum'd first); an aggregator without Gramian weights (GradDrop) is
+  then refused.
+
+  Args:
+    head: a multi_head.
+    trunk_fn: `(params, features) -> z`.
+    heads_fn: `(params, z) -> logits`.
+    optimizer: an optax optimizer.
+    aggregator: a `jheads.aggregation.Aggregator`.
+    weighting: a `jheads.weighting.LossWeighting`, or None for the sum.
+    regularization_fn: as for `make_train_step`.
+    with_metrics: as for `make_train_step`.
+    axis_name: as for `make_train_step`.
+
+  Returns:
+    The step `(params, state, features, labels, head_weights=None) ->
+    (params, state, TrainOutput)`, unjitted, with `state` from
+    `init_train_state`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jheads
+    >>> from jheads import aggregation
+    >>> head = jheads.multi_head([jheads.regression_head(name="a"),
+    ...                           jheads.regression_head(name="b")])
+    >>> trunk_fn = lambda params, features: jnp.tanh(features["x"] @ params["trunk"])
+    >>> heads_fn = lambda params, z: z @ params["heads"]
+    >>> params = {"trunk": jnp.ones((3, 4)) / 4, "heads": jnp.ones((4, 2)) / 4}
+    >>> tx = optax.adam(1e-2)
+    >>> step = jax.jit(jheads.training.make_representation_train_step(
+    ...     head, trunk_fn, heads_fn, tx, aggregator=aggregation.upgrad()))
+    >>> state = jheads.training.init_train_state(
+    ...     head, tx, params, aggregator=aggregation.upgrad())
+    >>> features = {"x": jnp.ones((8, 3))}
+    >>> labels = {"a": jnp.ones(8), "b": -jnp.ones(8)}
+    >>> params, state, out = step(params, state, features, labels)
+    >>> out.head_weights.shape
+    (2,)
+  """
+  where = "make_representation_train_step"
+  _multitask_step.check_weighting(weighting, where)
+  if aggregator is None:
+    raise ValueError(f"{where}: needs an aggregator (e.g. aggregation.mgda()).")
+  _multitask_step.check_aggregator(aggregator, head, where)
+  return _state_step(
+      _multitask_step.make_representation_step(
+          head,
+          trunk_fn,
+          heads_fn,
+          optimizer,
+          regularization_fn=regularization_fn,
+          with_metrics=with_metrics,
+          axis_name=axis_name,
+          weighting=weighting,
+          aggregator=aggregator,
+          where=where,
+      )
+  )
+
+
+def _state_step(inner: Callable[..., Any]) -> Callable[..., tuple[Any, TrainState, TrainOutput]]:
+  """Wraps a multi-task step body in the public `TrainState` / `TrainOutput` types."""
+
+  def train_step(params, state, features, labels, head_weights=None):
+    if not isinstance(state, TrainState):
+      raise ValueError(
+          "make_train_step: with a weighting or an aggregator the step takes a"
+          " training.TrainState (from training.init_train_state) where the plain"
+          f" step takes the optimizer state; got {type(state).__name__}."
+      )
+    f = inner(
+        params, state.opt_state, state.weighting_state, state.aggregator_state,
+        features, labels, head_weights,
+    )
+    output = TrainOutput(
+        loss=f.loss,
+        head_losses=f.head_losses,
+        regularization_loss=f.regularization_loss,
+        metrics=f.metrics,
+        head_weights=f.head_weights,
+    )
+    return f.params, TrainState(f.opt_state, f.weighting_state, f.aggregator_state), output
 
   return train_step
 
@@ -351,21 +634,3 @@ def make_predict_step(
 
   return predict_step
 
-
-def _per_shard(tree: Any, axis_name: Any) -> Any:
-  """Marks replicated leaves as varying over `axis_name`.
-
-  Inside `shard_map`, the gradient of a replicated (invariant) input is
-  summed over the axis implicitly, while under `pmap` it is not. Casting the
-  parameters to varying first makes both give this shard's gradient, which
-  the train step then psums explicitly, the same way everywhere.
-  """
-
-  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-  def cast(leaf):
-    varying = jax.typeof(leaf).mat.varying
-    invariant = tuple(axis for axis in axes if axis not in varying)
-    return jax.lax.pcast(leaf, invariant, to="varying") if invariant else leaf
-
-  return jax.tree.map(cast, tree)
