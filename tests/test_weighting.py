@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jheads
 from jheads import weighting
@@ -400,6 +401,37 @@ def test_replicated_state_gives_the_same_step_on_every_device():
     for leaf, expected in zip(jax.tree.leaves(key_data(per_device[name])),
                               jax.tree.leaves(key_data(one_device[name]))):
       np.testing.assert_allclose(leaf, tile(expected), rtol=1e-6, err_msg=name)
+
+
+def test_shard_map_on_psummed_loss_shares_equals_one_device():
+  n_devices = jax.device_count()
+  losses, after = loss_sequence(n_steps=1)
+  losses, after = losses[0], after[0]
+  rng = np.random.RandomState(1)
+  # Each device's share of the losses, as a train step's shards hold them; they sum to the losses.
+  split = rng.dirichlet(np.ones(n_devices), size=3).T.astype(np.float32)  # [devices, T]
+  shares, after_shares = jnp.asarray(split) * losses, jnp.asarray(split) * after
+  weightings = all_weightings()
+  states = {name: w.init(3) for name, w in weightings.items()}
+
+  def step(losses, losses_after, states):
+    return {
+        name: (weighting.head_weights(w, losses, states[name]),
+               w.update(losses, states[name], losses_after=losses_after))
+        for name, w in weightings.items()
+    }
+
+  def per_shard(shares, after_shares, states):
+    total = lambda x: jax.lax.psum(x[0], "batch")
+    return step(total(shares), total(after_shares), states)
+
+  mesh = jax.make_mesh((n_devices,), ("batch",))
+  by_device = jax.device_put((shares, after_shares), NamedSharding(mesh, P("batch")))
+  sharded = jax.jit(jax.shard_map(
+      per_shard, mesh=mesh, in_specs=(P("batch"), P("batch"), P()), out_specs=P()
+  ))(*by_device, states)
+  expected = jax.jit(step)(jnp.sum(shares, 0), jnp.sum(after_shares, 0), states)
+  chex.assert_trees_all_close(key_data(sharded), key_data(expected), rtol=1e-6, atol=1e-7)
 
 
 def test_bf16_losses_are_weighted_in_float32():
