@@ -26,6 +26,7 @@ from jheads.heads import (
     multi_class_head,
     multi_label_head,
     poisson_regression_head,
+    ranking_head,
     regression_head,
 )
 from jheads.vocab import class_names, decode_predictions, encode_labels
@@ -49,6 +50,7 @@ __all__ = [
     "multi_head",
     "multi_label_head",
     "poisson_regression_head",
+    "ranking_head",
     "regression_head",
     "training",
 ]

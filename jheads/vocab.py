@@ -47,6 +47,9 @@ def encode_labels(head: base.Head | combinator.MultiHead, labels: Any) -> Any:
   * a multi_head takes a dict keyed by head name and returns one.
 
   Unknown class names raise a ValueError naming the head and the names.
+  Missing labels (None, or NaN) become the head's `missing_label` (a
+  multi-label row that is None: every class missing); without one they are
+  an error.
 
   Example:
     >>> import numpy as np, jheads
@@ -70,6 +73,14 @@ def encode_labels(head: base.Head | combinator.MultiHead, labels: Any) -> Any:
   if config.kind == "multi_label" and _is_list_of_name_lists(where, labels):
     return _indicator(where, labels, config)
   array = np.asarray(labels)
+  missing = _missing_entries(array)
+  if missing is not None and missing.any():
+    if config.missing_label is None:
+      raise ValueError(
+          f"{where}: labels hold None or NaN but the head has no missing_label;"
+          " pass missing_label=... to the head to mark them missing."
+      )
+    return _encode_with_missing(head, array, missing)
   if array.dtype.kind not in "USO":
     return array
   if config.label_vocabulary is None:
@@ -82,6 +93,38 @@ def encode_labels(head: base.Head | combinator.MultiHead, labels: Any) -> Any:
         " lists of class names."
     )
   return _lookup(where, array, config.label_vocabulary)
+
+
+def _missing_entries(array: np.ndarray) -> np.ndarray | None:
+  """Where labels are None or NaN, or None if they cannot be."""
+  if array.dtype.kind == "f":
+    return np.isnan(array)
+  if array.dtype.kind == "O":
+    return np.vectorize(
+        lambda v: v is None or (isinstance(v, float) and v != v), otypes=[bool]
+    )(array)
+  return None
+
+
+def _encode_with_missing(head: base.Head, array: np.ndarray, missing: np.ndarray) -> np.ndarray:
+  """Encodes the present labels; missing ones become the head's `missing_label`."""
+  config = head.config
+  present = array[~missing]
+  if present.dtype.kind == "O" and present.size and all(isinstance(v, str) for v in present):
+    present = present.astype(str)
+  encoded_present = encode_labels(head, present) if present.size else present
+  integer = config.kind == "multi_class" or (
+      config.label_vocabulary is not None and config.kind != "multi_label"
+  )
+  dtype = np.int32 if integer else np.float32
+  if integer and isinstance(config.missing_label, float):
+    raise ValueError(
+        f"{config.description}: labels are class ids, so missing_label must be an"
+        f" int (e.g. -1), got {config.missing_label!r}."
+    )
+  out = np.full(array.shape, config.missing_label, dtype)
+  out[~missing] = np.asarray(encoded_present, dtype)
+  return out
 
 
 def decode_predictions(
@@ -171,9 +214,12 @@ def _is_list_of_name_lists(where: str, labels: Any) -> bool:
   """Whether `labels` are per-example lists of class names (rows may be empty)."""
   if isinstance(labels, (str, np.ndarray)) or not isinstance(labels, Sequence):
     return False
-  if not all(isinstance(row, (Sequence, np.ndarray)) and not isinstance(row, str) for row in labels):
+  if not all(
+      row is None or (isinstance(row, (Sequence, np.ndarray)) and not isinstance(row, str))
+      for row in labels
+  ):
     return False
-  rows = [np.asarray(row) for row in labels]
+  rows = [np.asarray([] if row is None else row) for row in labels]
   if all(row.size == 0 or row.dtype.kind in "USO" for row in rows):
     return True
   if len({row.shape for row in rows}) > 1:
@@ -189,7 +235,17 @@ def _is_list_of_name_lists(where: str, labels: Any) -> bool:
 def _indicator(where: str, rows: Sequence[Any], config: base.HeadConfig) -> np.ndarray:
   """Lists of class names per example -> a 0/1 indicator `[batch, n_classes]`."""
   indicator = np.zeros((len(rows), config.n_classes), np.int32)
+  if any(row is None for row in rows):
+    if config.missing_label is None:
+      raise ValueError(
+          f"{where}: a row of labels is None but the head has no missing_label;"
+          " pass missing_label=... to the head to mark it missing."
+      )
+    indicator = indicator.astype(np.float32 if isinstance(config.missing_label, float) else np.int32)
   for row_index, row in enumerate(rows):
+    if row is None:
+      indicator[row_index] = config.missing_label
+      continue
     names = np.asarray(row).reshape(-1)
     if names.size == 0:
       continue

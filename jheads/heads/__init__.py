@@ -3,6 +3,7 @@
 from jheads.heads.binary import binary_classification_head
 from jheads.heads.multi_class import multi_class_head
 from jheads.heads.multi_label import multi_label_head
+from jheads.heads.ranking import ranking_head
 from jheads.heads.regression import (
     logistic_regression_head,
     poisson_regression_head,
@@ -15,5 +16,6 @@ __all__ = [
     "multi_class_head",
     "multi_label_head",
     "poisson_regression_head",
+    "ranking_head",
     "regression_head",
 ]
