@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import os
 import resource
+import signal
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -47,6 +50,7 @@ LEARNING_RATE = 1e-2
 # A lost peer fails the others within these; WATCHDOG_S dumps every thread's
 # stack and exits if the process is still running (jax.distributed catches
 # SIGTERM, so only SIGKILL or this stops a process stuck in a collective).
+# The test's own timeout is longer.
 INITIALIZATION_TIMEOUT_S = 30
 HEARTBEAT_TIMEOUT_S = 10
 SHUTDOWN_TIMEOUT_S = 10
@@ -299,4 +303,13 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  # The test sends SIGUSR1 before it kills a worker that ran out of time.
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
+  try:
+    main(sys.argv)
+  except BaseException:
+    traceback.print_exc()
+    sys.stderr.flush()
+    # Skip jax.distributed's exit-time shutdown barrier, which would wait for
+    # the peers: the test sees the failure now and stops them.
+    os._exit(1)

@@ -91,13 +91,22 @@ def launch(directory: pathlib.Path) -> list[Child]:
   return children
 
 
-def kill(children: list[Child]) -> None:
+def signal_group(child: Child, signal_number: int) -> None:
+  try:
+    os.killpg(child.process.pid, signal_number)
+  except ProcessLookupError:
+    pass
+
+
+def kill(children: list[Child], *, dump_stacks: bool = False) -> None:
+  running = [child for child in children if child.process.poll() is None]
+  if dump_stacks and running:
+    for child in running:
+      signal_group(child, signal.SIGUSR1)  # The worker prints every thread's stack.
+    time.sleep(1.0)
+  for child in running:
+    signal_group(child, signal.SIGKILL)
   for child in children:
-    if child.process.poll() is None:
-      try:
-        os.killpg(child.process.pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
     child.process.wait()
 
 
@@ -130,19 +139,19 @@ def runs(tmp_path_factory):
   directory = tmp_path_factory.mktemp("multiprocess")
   for attempt in range(2):
     started = time.monotonic()
+    deadline = started + TIMEOUT_S
     children = launch(directory / f"attempt{attempt}")
     try:
       expected = worker.reference()  # While the workers start.
-      failure = wait(children, started + TIMEOUT_S)
+      failure = wait(children, deadline)
     finally:
-      kill(children)
+      kill(children, dump_stacks=time.monotonic() > deadline)
     details = report(children)
     if failure is None:
       break
     # The free port can be taken between choosing and binding it; try once more.
     if attempt == 0 and "address already in use" in details.lower():
       continue
-    print(details)
     pytest.fail(f"{failure}:\n{details}", pytrace=False)
   results = [dict(np.load(child.output)) for child in children]
   print(f"multi-process run: {time.monotonic() - started:.1f} s wall\n{details}")
