@@ -263,6 +263,13 @@ def expand_labels(labels: Any, rank: int) -> jax.Array:
 _SIGMOID_CUTOFF = 16.6355324
 
 
+def _sigmoid_cutoff(dtype: Any) -> float:
+  """TF's float32 cutoff; for wider floats, where e / (1 + e) rounds to 1 in them."""
+  if jnp.finfo(dtype).bits <= 32:
+    return _SIGMOID_CUTOFF
+  return float(np.log(2.0 ** (jnp.finfo(dtype).nmant + 1)))
+
+
 def sigmoid(x: jax.Array) -> jax.Array:
   """The logistic function, rounded as TensorFlow's CPU kernel rounds it.
 
@@ -273,7 +280,8 @@ def sigmoid(x: jax.Array) -> jax.Array:
   TF far more often. Used for predictions and metrics, never for losses
   (those stay in log-sigmoid form).
   """
-  e = jnp.exp(jnp.minimum(x, _SIGMOID_CUTOFF))
+  x = jnp.asarray(x)
+  e = jnp.exp(jnp.minimum(x, _sigmoid_cutoff(x.dtype)))
   return e / (1.0 + e)
 
 

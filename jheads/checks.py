@@ -716,13 +716,26 @@ def check_thresholds(where: str, thresholds: Any) -> tuple[float, ...]:
   for t in values:
     if not 0.0 < t < 1.0:
       raise ValueError(f"{where}: thresholds must be in (0, 1), got {t}.")
+  keys = [f"{t:g}" for t in values]
+  clashes = sorted({k for k in keys if keys.count(k) > 1})
+  if clashes:
+    same = [t for t in values if f"{t:g}" in clashes]
+    raise ValueError(
+        f"{where}: thresholds {same} are duplicates or print alike in their metric"
+        f" keys (positive_threshold_{clashes[0]}); give distinct thresholds."
+    )
   return values
 
 
+def is_integer(value: Any) -> bool:
+  """An int or numpy integer, not a bool."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_num_thresholds(where: str, num_thresholds: Any) -> int:
-  if not isinstance(num_thresholds, int) or num_thresholds < 2:
+  if not is_integer(num_thresholds) or num_thresholds < 2:
     raise ValueError(f"{where}: num_thresholds must be an int >= 2, got {num_thresholds!r}.")
-  return num_thresholds
+  return int(num_thresholds)
 
 
 def describe_values(labels: Any, present: Any = None) -> str:

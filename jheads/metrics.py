@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jheads import base
+from jheads import checks
 
 ArrayLike = jax.typing.ArrayLike
 
@@ -44,6 +47,30 @@ SUMMATION_METHODS = (INTERPOLATION, TRAPEZOIDAL)
 
 # TF 1's tf.metrics.auc adds this to its precision and recall ratios.
 _TF1_EPSILON = 1e-7
+
+# One scatter-add accumulates sequentially: in float32 a bucket stops
+# counting at 2**24. Histograms of more predictions are built in chunks.
+_HISTOGRAM_CHUNK = 2**20
+
+
+def _xp(*values: Any) -> Any:
+  """numpy for statistics merged on the host (float64), jax.numpy otherwise."""
+  if all(isinstance(v, (np.ndarray, np.generic)) for v in values):
+    return np
+  return jnp
+
+
+def _divide(xp: Any, numerator: Any, denominator: Any) -> Any:
+  if xp is jnp:
+    return base.safe_divide(numerator, denominator)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(denominator == 0, 0.0, numerator / np.where(denominator == 0, 1.0, denominator))
+
+
+def _reverse_cumsum(xp: Any, x: Any) -> Any:
+  if xp is jnp:
+    return jax.lax.cumsum(x, axis=x.ndim - 1, reverse=True)
+  return np.flip(np.cumsum(np.flip(x, -1), -1), -1)
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +86,7 @@ class Ratio:
   denominator: jax.Array
 
   def result(self) -> jax.Array:
-    return base.safe_divide(self.numerator, self.denominator)
+    return _divide(_xp(self.numerator, self.denominator), self.numerator, self.denominator)
 
 
 @jax.tree_util.register_dataclass
@@ -74,8 +101,9 @@ class Baseline:
   weight_sum: jax.Array
 
   def result(self) -> jax.Array:
-    mean = base.safe_divide(self.label_sum, self.weight_sum)
-    return jnp.where(self.weight_sum == 0, 0.0, jnp.maximum(mean, 1.0 - mean))
+    xp = _xp(self.label_sum, self.weight_sum)
+    mean = _divide(xp, self.label_sum, self.weight_sum)
+    return xp.where(self.weight_sum == 0, 0.0, xp.maximum(mean, 1.0 - mean))
 
 
 @jax.tree_util.register_dataclass
@@ -107,13 +135,15 @@ class AUC:
 
   def confusion(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """True/false positives and negatives at each threshold."""
-    tp = jax.lax.cumsum(self.positives, axis=self.positives.ndim - 1, reverse=True)
-    fp = jax.lax.cumsum(self.negatives, axis=self.negatives.ndim - 1, reverse=True)
+    xp = _xp(self.positives, self.negatives)
+    tp = _reverse_cumsum(xp, self.positives)
+    fp = _reverse_cumsum(xp, self.negatives)
     fn = tp[..., :1] - tp
     tn = fp[..., :1] - fp
     return tp, fp, tn, fn
 
   def result(self) -> jax.Array:
+    xp = _xp(self.positives, self.negatives)
     tp, fp, tn, fn = self.confusion()
     if self.summation_method == TRAPEZOIDAL:
       # TF 1's tf.metrics.auc: epsilon-smoothed rates, trapezoids for both curves.
@@ -123,15 +153,15 @@ class AUC:
       else:
         x, y = recall, (tp + _TF1_EPSILON) / (tp + fp + _TF1_EPSILON)
     elif self.curve == "ROC":
-      x = base.safe_divide(fp, fp + tn)
-      y = base.safe_divide(tp, tp + fn)
+      x = _divide(xp, fp, fp + tn)
+      y = _divide(xp, tp, tp + fn)
     else:
-      return _interpolated_pr_auc(tp, fp, fn)
+      return _interpolated_pr_auc(xp, tp, fp, fn)
     heights = (y[..., :-1] + y[..., 1:]) / 2.0
-    return jnp.sum((x[..., :-1] - x[..., 1:]) * heights, axis=-1)
+    return xp.sum((x[..., :-1] - x[..., 1:]) * heights, axis=-1)
 
 
-def _interpolated_pr_auc(tp: jax.Array, fp: jax.Array, fn: jax.Array) -> jax.Array:
+def _interpolated_pr_auc(xp: Any, tp: Any, fp: Any, fn: Any) -> Any:
   """Davis & Goadrich (2006) interpolation of the PR curve between thresholds.
 
   Within a bucket, precision is taken to vary as the number of predicted
@@ -140,30 +170,69 @@ def _interpolated_pr_auc(tp: jax.Array, fp: jax.Array, fn: jax.Array) -> jax.Arr
   dtp = tp[..., :-1] - tp[..., 1:]
   p = tp + fp
   dp = p[..., :-1] - p[..., 1:]
-  slope = base.safe_divide(dtp, jnp.maximum(dp, 0))
+  slope = _divide(xp, dtp, xp.maximum(dp, 0))
   intercept = tp[..., 1:] - slope * p[..., 1:]
   both_positive = (p[..., :-1] > 0) & (p[..., 1:] > 0)
-  p_ratio = jnp.where(
-      both_positive, base.safe_divide(p[..., :-1], jnp.maximum(p[..., 1:], 0)), 1.0
+  p_ratio = xp.where(
+      both_positive, _divide(xp, p[..., :-1], xp.maximum(p[..., 1:], 0)), 1.0
   )
-  increments = base.safe_divide(
-      slope * (dtp + intercept * jnp.log(p_ratio)),
-      jnp.maximum(tp[..., 1:] + fn[..., 1:], 0),
+  increments = _divide(
+      xp,
+      slope * (dtp + intercept * xp.log(p_ratio)),
+      xp.maximum(tp[..., 1:] + fn[..., 1:], 0),
   )
-  return jnp.sum(increments, axis=-1)
+  return xp.sum(increments, axis=-1)
 
 
 def merge(a: Any, b: Any) -> Any:
   """Merges two stats pytrees of the same structure: a sum of every leaf.
 
-  This is also what `jax.lax.psum` of stats across devices computes.
+  This is also what `jax.lax.psum` of stats across devices computes. On the
+  host (concrete statistics, as an eval loop holds them) the sum is taken
+  in float64 numpy after one transfer of each side, so streamed counts stay
+  exact far beyond float32's 2**24 (to 2**53), and no small device op is
+  dispatched per leaf (which can deadlock a multi-process CPU run waiting on
+  a cross-process all-reduce). Under a trace it is a plain device sum.
+
+  Example:
+    >>> import numpy as np, jheads
+    >>> a = {"n": jheads.metrics.Ratio(np.float32(2.0**24), np.float32(1.0))}
+    >>> float(jheads.metrics.merge(a, a)["n"].numerator - 2.0**25)
+    0.0
   """
+  a, b = _checked(a), _checked(b)
+  if checks.is_concrete(a, b):
+    return jax.tree.map(operator.add, _to_host(a), _to_host(b))
   return jax.tree.map(operator.add, a, b)
 
 
-def compute(stats: dict[str, Any]) -> dict[str, jax.Array]:
-  """Final metric values from a flat dict of statistics, keys unchanged."""
+def compute(stats: Mapping[str, Any]) -> dict[str, Any]:
+  """Final metric values from a flat dict of statistics, keys unchanged.
+
+  Statistics on the host are finished in float64 numpy; traced ones on
+  the device.
+  """
+  stats = _checked(stats)
+  if checks.is_concrete(stats):
+    stats = _to_host(stats)
   return {key: stat.result() for key, stat in stats.items()}
+
+
+def _checked(stats: Any) -> Any:
+  """Raises the value checks carried by a step's outputs; the plain statistics."""
+  if isinstance(stats, checks.CheckedDict):
+    stats.check()
+    return dict(stats)
+  return stats
+
+
+def _to_host(stats: Any) -> Any:
+  """One transfer of every leaf, floats widened to float64."""
+  def widen(x):
+    x = np.asarray(x)
+    return x.astype(np.float64) if x.dtype.kind == "f" else x
+
+  return jax.tree.map(widen, jax.device_get(stats))
 
 
 # ----------------------------------------------------------------------------
@@ -258,12 +327,26 @@ def auc_histogram(
     n = predictions.shape[-1]
     index = index + size * jnp.arange(n, dtype=jnp.int32)
     size *= n
-  histogram = jnp.zeros((size,), weights.dtype).at[index].add(
-      weights,
-      mode="promise_in_bounds",
-      out_sharding=_replicated_out_sharding(index),
-  )
+  histogram = _scatter_add(index, jnp.broadcast_to(weights, index.shape), size)
   return histogram.reshape((-1, 2, t) if per_column else (2, t))
+
+
+def _scatter_add(index: jax.Array, weights: jax.Array, size: int) -> jax.Array:
+  """`zeros(size).at[index].add(weights)`, exact in float32 however many predictions."""
+  index, weights = index.reshape(-1), weights.reshape(-1)
+  n = index.size
+  if n <= _HISTOGRAM_CHUNK:
+    return jnp.zeros((size,), weights.dtype).at[index].add(
+        weights, mode="promise_in_bounds", out_sharding=_replicated_out_sharding(index)
+    )
+  chunks = -(-n // _HISTOGRAM_CHUNK)
+  pad = chunks * _HISTOGRAM_CHUNK - n
+  index = jnp.pad(index, (0, pad)).reshape(chunks, _HISTOGRAM_CHUNK)
+  weights = jnp.pad(weights, (0, pad)).reshape(chunks, _HISTOGRAM_CHUNK)
+  partial = jax.vmap(
+      lambda i, w: jnp.zeros((size,), w.dtype).at[i].add(w, mode="promise_in_bounds")
+  )(index, weights)
+  return jnp.sum(partial, axis=0)
 
 
 def auc_pair(

@@ -281,3 +281,79 @@ def test_padded_remainder_batch_on_eight_devices_equals_the_unpadded_batch():
   (loss, losses, stats), grads = jax.pmap(per_shard, axis_name="batch")(*shards)
   first = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], tree)
   check(first(loss), first(losses), grads, metrics.compute(first(stats)))
+
+
+# ---------------------------------------------------------------------------- numerics at scale
+
+
+def test_one_call_with_2_to_the_25_predictions_in_one_bucket_gives_the_right_auc():
+  n, high = 2**25, 2**21
+  rng = np.random.default_rng(0)
+  labels = (rng.random(n) < 0.5).astype(F32)
+  labels[:high] = 1.0
+  logits = np.zeros((n, 1), F32)  # probability 0.5: one bucket holds most of them
+  logits[:high] = 3.0
+  values = metrics.compute(jax.jit(jheads.binary_classification_head().metric_fn)(logits, labels))
+  positives = labels.sum(dtype=np.float64)
+  # High positives beat every negative; the rest tie with the negatives (half credit).
+  expected = (high + 0.5 * (positives - high)) / positives
+  np.testing.assert_allclose(float(values["auc"]), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(values["label/mean"]), positives / n, rtol=1e-6)
+
+
+def test_streamed_counts_stay_exact_beyond_float32():
+  # 2**40 examples in 2**16 batches of 2**24 rows each (the statistics, not the rows).
+  batch = {"label/mean": metrics.Ratio(np.float32(2**23 + 1), np.float32(2**24))}
+  total = batch
+  for _ in range(16):  # doubling: 2**16 batches
+    total = metrics.merge(total, total)
+  assert float(total["label/mean"].denominator) == 2.0**40
+  assert float(total["label/mean"].numerator) == 2.0**16 * (2**23 + 1)
+
+
+def test_sigmoid_cross_entropy_is_exact_for_confident_predictions():
+  x = np.arange(4.0, 20.5, 0.5)
+  for z in (1.0, 0.0):
+    logits = jnp.asarray(x if z == 1.0 else -x, jnp.float32)
+    loss, grad = jax.value_and_grad(lambda lo: jnp.sum(jheads.base.sigmoid_cross_entropy(lo, z)))(logits)
+    exact_loss = np.log1p(np.exp(-x))
+    np.testing.assert_allclose(np.asarray(jheads.base.sigmoid_cross_entropy(logits, z)), exact_loss, rtol=1e-6)
+    exact_grad = -np.exp(-x) / (1 + np.exp(-x)) * (1 if z == 1.0 else -1)
+    np.testing.assert_allclose(np.asarray(grad), exact_grad, rtol=1e-6)
+
+
+def test_a_head_weighted_zero_adds_nothing_even_with_an_infinite_loss():
+  head = jheads.multi_head(
+      [jheads.regression_head(name="a"), jheads.regression_head(name="b")], head_weights=[1.0, 0.0]
+  )
+  logits = np.zeros((2, 2), F32)
+  labels = {"a": np.ones(2, F32), "b": np.full(2, 1e30, F32)}
+  assert float(head.loss_fn(logits, labels)) == 1.0
+  assert float(jax.jit(head.loss_fn)(logits, labels)) == 1.0
+
+
+def test_thresholds_that_print_alike_or_repeat_are_rejected():
+  with pytest.raises(ValueError, match=r"print alike"):
+    jheads.binary_classification_head(name="c", thresholds=[0.5, 0.5000001])
+  with pytest.raises(ValueError, match=r"duplicates"):
+    jheads.multi_label_head(2, thresholds=[0.3, 0.3])
+
+
+def test_numpy_integers_are_accepted_wherever_ints_are():
+  assert jheads.multi_class_head(np.int64(3)).logits_dim == 3
+  assert jheads.multi_label_head(np.int32(4), num_thresholds=np.int64(50)).logits_dim == 4
+  assert jheads.regression_head(label_dimension=np.int16(2)).logits_dim == 2
+
+
+def test_int64_labels_that_would_wrap_are_rejected():
+  head = jheads.multi_class_head(3, name="topic")
+  with pytest.raises(ValueError, match=r"head 'topic': labels must fit int32"):
+    head.loss_fn(np.zeros((1, 3), F32), np.array([2**32 + 1], np.int64))
+
+
+def test_float64_probabilities_are_not_capped_at_float32():
+  with jax.enable_x64(True):
+    head = jheads.binary_classification_head()
+    logistic = head.predict_fn(jnp.array([[20.0]], jnp.float64))["logistic"]
+    assert logistic.dtype == jnp.float64
+    np.testing.assert_allclose(1.0 - float(logistic[0, 0]), np.exp(-20.0) / (1 + np.exp(-20.0)), rtol=1e-6)

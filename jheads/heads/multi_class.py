@@ -68,13 +68,14 @@ def multi_class_head(
     >>> head.predict_fn(logits)["class_ids"].tolist()
     [[0], [1]]
   """
-  if n_classes is None or isinstance(n_classes, bool) or not isinstance(n_classes, int):
+  if not checks.is_integer(n_classes):
     raise ValueError(f"multi_class_head: n_classes must be an int > 2, got {n_classes!r}.")
   if n_classes <= 2:
     raise ValueError(
         f"multi_class_head: n_classes must be > 2, got {n_classes}; use"
         " binary_classification_head for two classes."
     )
+  n_classes = int(n_classes)
   name = checks.check_name(name, KIND)
   where = base.describe(KIND, name)
   config = base.HeadConfig(

@@ -87,10 +87,11 @@ def multi_label_head(
     >>> round(float(head.loss_fn(logits, labels)), 5)
     1.13234
   """
-  if n_classes is None or isinstance(n_classes, bool) or not isinstance(n_classes, int):
+  if not checks.is_integer(n_classes):
     raise ValueError(f"multi_label_head: n_classes must be an int >= 2, got {n_classes!r}.")
   if n_classes < 2:
     raise ValueError(f"multi_label_head: n_classes must be >= 2, got {n_classes}.")
+  n_classes = int(n_classes)
   name = checks.check_name(name, KIND)
   where = base.describe(KIND, name)
   vocabulary = checks.check_vocabulary(where, label_vocabulary, n_classes)

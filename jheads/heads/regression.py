@@ -269,11 +269,11 @@ def _regression(
   name = checks.check_name(name, kind)
   where = base.describe(kind, name)
   if (
-      isinstance(label_dimension, bool)
-      or not isinstance(label_dimension, int)
+      not checks.is_integer(label_dimension)
       or label_dimension < 1
   ):
     raise ValueError(f"{where}: label_dimension must be an int >= 1, got {label_dimension!r}.")
+  label_dimension = int(label_dimension)
   config = base.HeadConfig(
       kind=kind,
       name=name,
