@@ -28,6 +28,7 @@ from jheads.heads import (
     poisson_regression_head,
     ranking_head,
     regression_head,
+    sequence_head,
 )
 from jheads.vocab import class_names, decode_predictions, encode_labels
 
@@ -52,5 +53,6 @@ __all__ = [
     "poisson_regression_head",
     "ranking_head",
     "regression_head",
+    "sequence_head",
     "training",
 ]
