@@ -182,9 +182,31 @@ def gramian(jacobian: Sequence[jax.Array]) -> jax.Array:
   total = None
   for leaf in jacobian:
     rows = leaf.reshape(leaf.shape[0], -1)
-    g = jnp.dot(rows, rows.T, precision=HIGHEST, preferred_element_type=_accumulator(rows.dtype))
+    g = jnp.einsum(
+        "tn,sn->ts", rows, rows, precision=HIGHEST,
+        preferred_element_type=_accumulator(rows.dtype), out_sharding=replicated_out(rows),
+    )
     total = g if total is None else total + g
   return total
+
+
+def replicated_out(*arrays: jax.Array) -> Any:
+  """`P()` when a contraction sums over an axis sharded on an Explicit mesh, else None.
+
+  Under sharded jit with Explicit axes, a contraction over a sharded batch
+  axis must say how its output is sharded; a Gramian or a weight gradient
+  is the whole batch's, replicated (XLA inserts the all-reduce).
+  """
+  for a in arrays:
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    explicit = set(getattr(getattr(sharding, "mesh", None), "explicit_axes", ()) or ())
+    if not explicit:
+      continue
+    for entry in sharding.spec:
+      names = {entry} if isinstance(entry, str) else set(entry or ())
+      if names & explicit:
+        return jax.sharding.PartitionSpec()
+  return None
 
 
 def combine(weights: jax.Array, jacobian: Sequence[jax.Array]) -> list[jax.Array]:
@@ -471,7 +493,7 @@ def _dense_rows(use: _DenseUse, x: jax.Array, d_out: jax.Array, param: Any) -> j
   spec = f"{''.join(y_letters)},{''.join(x_letters)}->{row}{''.join(w_letters)}"
   rows = jnp.einsum(
       spec, d_out, x, precision=use.precision,
-      preferred_element_type=use.preferred_element_type,
+      preferred_element_type=use.preferred_element_type, out_sharding=replicated_out(d_out, x),
   )
   for name, params, in_aval in reversed(use.views):
     if name == "transpose":
