@@ -20,6 +20,7 @@ from jheads import export, metrics, training
 from jheads.base import Head, HeadConfig, LossReduction
 from jheads.checks import checked
 from jheads.combinator import MultiHead, multi_head
+from jheads.define import define_head
 from jheads.heads import (
     binary_classification_head,
     logistic_regression_head,
@@ -43,6 +44,7 @@ __all__ = [
     "checked",
     "class_names",
     "decode_predictions",
+    "define_head",
     "encode_labels",
     "export",
     "logistic_regression_head",

@@ -75,6 +75,9 @@ class HeadConfig:
     mask_column: a features key or a callable `features -> mask` of the rows
       (or steps) that take part, or None.
     missing_label: the label value that marks a missing label, or None.
+    serving: `predictions -> {signature: {output: array}}`, the serving
+      signatures of a kind defined with `jheads.define_head`; None for the
+      built-in kinds, whose signatures `jheads.export` knows.
   """
 
   kind: str
@@ -87,6 +90,7 @@ class HeadConfig:
   weight_column: Any = None
   mask_column: Any = None
   missing_label: Any = None
+  serving: Any = None
 
   @property
   def is_classifier(self) -> bool:
