@@ -13,17 +13,19 @@ Importing this module creates no JAX array and starts no backend (which
 `jax.distributed.initialize` must precede), so the test builds its
 one-device reference from the same definitions (`reference`).
 
-A deadlock of the XLA:CPU client (jaxlib 0.10) shapes the loops. With more than
-one local device, every computation spanning them is launched from a pool of
-max(CPU cores, local devices) threads, and a launching thread blocks while
-32 computations of its device are in flight. An all-reduce needs one pool
-thread per local device at once: once launches blocked that way hold the
-pool, the next all-reduce never completes. Any loop that keeps about 33 or
-more multi-device computations unread while one of them holds a collective
-hangs: 40 sharded-jit steps with an all-reduce each, 100 eval steps
-dispatched as a list, or one eval step followed by `metrics.merge`'s ~35
-eager per-leaf additions behind it. So this worker reads every train step's
-loss, and its eval keeps at most a few computations in flight.
+A deadlock of the XLA:CPU client (jaxlib 0.10) shapes the loops. With more
+than one local device, its source shows, every computation spanning them is
+launched from a pool of max(CPU cores, local devices) threads; a launch
+blocks its thread while 32 computations of that device are in flight, and
+an all-reduce holds one pool thread per local device until all of them join.
+Keep about 33 multi-device computations unread behind an all-reduce and the
+pool can fill with blocked launches, so the all-reduce never completes. On a
+2-core machine, 2 processes x 2 devices, 40 chained jitted steps with an
+all-reduce each hung in 3 runs of 3 with one process 3 s late (20 and 31
+steps did not), 200 with neither late; so did 100 eval steps dispatched as a
+list, and the README's eval loop over 40 batches with a compiled merge in 2
+runs of 3. So this worker reads every train step's loss, and its evals keep
+at most a few computations in flight.
 """
 
 from __future__ import annotations
@@ -259,12 +261,14 @@ def main(argv: list[str]) -> None:
     host_stats = host_eval(eval_step, params, evaluation, put_global)
 
     # The README's loop, its merge one compiled call: with 4 batches, 7
-    # computations in flight, far from the 32 that deadlock. The statistics
-    # stay global (replicated) arrays; `compute` takes them eagerly.
-    device_stats = functools.reduce(
+    # computations in flight, far from the ~33 that can deadlock. The
+    # statistics stay global (replicated) arrays; `compute` takes them
+    # eagerly, once they are ready, so that its many small computations never
+    # queue behind an all-reduce.
+    device_stats = jax.block_until_ready(functools.reduce(
         jax.jit(jheads.metrics.merge),
         [eval_step(params, *put_global(batch)) for batch in evaluation],
-    )
+    ))
     if not all(leaf.is_fully_replicated for leaf in jax.tree.leaves(device_stats)):
       raise RuntimeError("sharded jit: the eval statistics are not replicated")
     results.update(_flat("jit/device_metrics", jax.device_get(jheads.metrics.compute(device_stats))))

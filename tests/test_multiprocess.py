@@ -135,14 +135,16 @@ def wait(children: list[Child], deadline: float) -> str | None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """`(one-device reference, [each process's results])`, with the run's wall time."""
+  """`(one-device reference, [each process's results])`; prints the wall time and logs."""
   directory = tmp_path_factory.mktemp("multiprocess")
+  expected = None
   for attempt in range(2):
     started = time.monotonic()
     deadline = started + TIMEOUT_S
     children = launch(directory / f"attempt{attempt}")
     try:
-      expected = worker.reference()  # While the workers start.
+      if expected is None:
+        expected = worker.reference()  # While the workers start.
       failure = wait(children, deadline)
     finally:
       kill(children, dump_stacks=time.monotonic() > deadline)
@@ -150,7 +152,7 @@ def runs(tmp_path_factory):
     if failure is None:
       break
     # The free port can be taken between choosing and binding it; try once more.
-    if attempt == 0 and "address already in use" in details.lower():
+    if attempt == 0 and "Failed to start RPC server" in details:
       continue
     pytest.fail(f"{failure}:\n{details}", pytrace=False)
   results = [dict(np.load(child.output)) for child in children]
@@ -174,13 +176,13 @@ def test_parameters_and_losses_match_one_device(runs, mode):
   print(mode, "max |parameter difference|", max(
       max_difference(result[f"{mode}/params/{name}"], value)
       for result in results for name, value in params.items()
-  ))
+  ), "max |loss difference|", max(max_difference(result[f"{mode}/losses"], losses) for result in results))
 
 
 @pytest.mark.parametrize("mode", ["jit/metrics", "jit/device_metrics", "pmap/metrics"])
 def test_streamed_eval_metrics_match_one_device(runs, mode):
   (_, _, metrics), results = runs
-  assert {key: value.shape for key, value in metrics.items()}  # Some metrics at all.
+  assert {"accuracy/click", "auc/click", "accuracy/topic", "average_loss/dwell", "loss/topic"} <= metrics.keys()
   for result in results:
     got = {key[len(mode) + 1:]: value for key, value in result.items() if key.startswith(mode + "/")}
     assert got.keys() == metrics.keys()
