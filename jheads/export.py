@@ -354,26 +354,12 @@ def save(
     raise ValueError(f"jheads.export.save: {str(directory)!r} is not empty.")
   inputs = _input_specs(example_features)
   platforms = tuple(platforms)
-  model = _one_device_model(predict_logits, inputs)
-  with jax.set_mesh(None):
-    signatures = _signature_names(head, model, inputs)
+  exports = _export_signatures(head, predict_logits, inputs, platforms)
   rules = _class_rules(head)
 
   directory.mkdir(parents=True, exist_ok=True)
   manifest_signatures = {}
-  for signature in signatures:
-    with jax.set_mesh(None):
-      exported = jax.export.export(
-          jax.jit(_signature_fn(head, model, signature)), platforms=platforms
-      )(inputs)
-    if exported.nr_devices != 1:
-      raise ValueError(
-          f"jheads.export.save: signature {signature!r} was lowered for"
-          f" {exported.nr_devices} devices; a served artifact runs on one."
-          " Remove the model's sharding annotations that name concrete"
-          " multi-device shardings (NamedSharding of a mesh), or save outside"
-          " that mesh."
-      )
+  for signature, exported in exports.items():
     module = bytes(exported.serialize())
     filename = _module_file(signature)
     (directory / filename).write_bytes(module)
@@ -406,6 +392,34 @@ def save(
   manifest[_MANIFEST_DIGEST] = _manifest_sha256(manifest)
   (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
   return manifest
+
+
+def _export_signatures(
+    head: AnyHead,
+    predict_logits: Callable[[Features], Any],
+    inputs: Mapping[str, jax.ShapeDtypeStruct],
+    platforms: tuple[str, ...],
+) -> dict[str, jax.export.Exported]:
+  """Every serving signature of the model, exported for one device."""
+  model = _one_device_model(predict_logits, inputs)
+  with jax.set_mesh(None):
+    names = _signature_names(head, model, inputs)
+    exports = {
+        signature: jax.export.export(
+            jax.jit(_signature_fn(head, model, signature)), platforms=platforms
+        )(inputs)
+        for signature in names
+    }
+  for signature, exported in exports.items():
+    if exported.nr_devices != 1:
+      raise ValueError(
+          f"jheads.export: signature {signature!r} was lowered for"
+          f" {exported.nr_devices} devices; a served artifact runs on one."
+          " Remove the model's sharding annotations that name concrete"
+          " multi-device shardings (NamedSharding of a mesh), or save outside"
+          " that mesh."
+      )
+  return exports
 
 
 def _module_file(signature: str) -> str:
@@ -475,7 +489,8 @@ def load(
     directory: str | pathlib.Path,
     *,
     batch_buckets: Sequence[int] | None = DEFAULT_BATCH_BUCKETS,
-    warmup: bool = False,
+    warmup: bool | Sequence[str] = False,
+    expected_sha256: str | None = None,
 ) -> dict[str, Signature]:
   """Rebuilds a saved artifact's signatures as callables, after checking it.
 
@@ -494,7 +509,7 @@ def load(
   `batch_buckets`, a request of `n` rows is padded (repeating its last row)
   to the smallest bucket >= `n`, run, and its outputs cut back to `n` rows,
   so a server compiles each bucket once, on its first use (or all of them in
-  `load` with `warmup=True`), and never again. A request larger than the
+  `load` with `warmup`), and never again. A request larger than the
   largest bucket is split into chunks of that size (the last chunk padded to
   its own bucket), run one after another, and concatenated. Padding relies on
   the model treating rows independently, as inference models do; pass
@@ -512,15 +527,26 @@ def load(
   more than one device or other platforms, that has side effects or
   non-replicated shardings, that was exported with any jax.export safety
   check disabled, or that calls custom-call targets outside jax.export's
-  stable set. An artifact is still executable code: load it only from
-  sources you trust.
+  stable set.
+
+  The digests catch corruption and files swapped by mistake, not an author
+  who rewrites them: an artifact is executable code, and jax's own reader of
+  its StableHLO is not hardened against crafted bytes (one in 30 random bit
+  flips, with the digests recomputed, crashes it). Load artifacts only from
+  sources you trust, and pin the one you mean with `expected_sha256`.
 
   Args:
     directory: a directory written by `save`.
     batch_buckets: the batch sizes to pad requests to (positive ints, any
       order); None runs requests at their exact size.
-    warmup: compile every bucket of every signature now, so that no request
-      waits for a compilation. Needs `batch_buckets`.
+    warmup: compile every bucket now, so that no request waits for a
+      compilation: True for every signature, or the names of the signatures
+      to compile (a server that answers `predict` only needs that one; each
+      bucket of each signature is one compilation). Needs `batch_buckets`.
+    expected_sha256: serve only the artifact with this digest, its
+      manifest's `manifest_sha256` (as `save` returns it). The manifest's
+      digest covers every module's, so no other file passes, and nothing is
+      deserialized before the manifest matches.
 
   Returns:
     A dict from signature name to `Signature`.
@@ -531,20 +557,35 @@ def load(
   """
   where = "jheads.export.load"
   buckets = _check_buckets(batch_buckets)
+  if expected_sha256 is not None and not _is_sha256(expected_sha256):
+    raise ValueError(
+        f"{where}: expected_sha256 must be 64 lowercase hex digits (a manifest's"
+        f" 'manifest_sha256'), got {expected_sha256!r}."
+    )
+  if isinstance(warmup, str) or not isinstance(warmup, (bool, Sequence)):
+    raise ValueError(
+        f"{where}: warmup must be True, False or a list of signature names, got {warmup!r}."
+    )
   if warmup and buckets is None:
     raise ValueError(
-        f"{where}: warmup=True compiles the batch buckets, but batch_buckets=None"
+        f"{where}: warmup compiles the batch buckets, but batch_buckets=None"
         " has none; pass batch buckets, or warmup=False."
     )
   root = _artifact_root(directory)
   manifest_path = root / MANIFEST
   manifest = _read_manifest(manifest_path, _read_member(root, MANIFEST, "the manifest"))
+  if expected_sha256 is not None and manifest[_MANIFEST_DIGEST] != expected_sha256:
+    raise ArtifactError(
+        f"{where}: {str(manifest_path)!r} is the artifact {manifest[_MANIFEST_DIGEST]},"
+        f" not the expected {expected_sha256}."
+    )
   names = {
       h["name"]: np.asarray(h["class_names"])
       for h in manifest["heads"]
       if h["class_names"] is not None
   }
   signatures = {}
+  context = jax_mlir.make_ir_context()  # One for all modules: each costs milliseconds.
   for signature, entry in manifest["signatures"].items():
     path = root / entry["file"]
     module = _read_member(root, entry["file"], f"signature {signature!r}")
@@ -562,13 +603,22 @@ def load(
           f"{where}: {str(path)!r} (signature {signature!r}) is not a serialized"
           f" jax.export module this jax reads: {type(error).__name__}: {error}"
       ) from error
-    _check_module(f"{where}: {str(path)!r} (signature {signature!r})", exported, manifest, entry)
+    _check_module(
+        f"{where}: {str(path)!r} (signature {signature!r})", exported, manifest, entry, context
+    )
     signatures[signature] = Signature(
         signature, exported, manifest["inputs"], entry, names, buckets
     )
   if warmup:
-    for served in signatures.values():
-      served.warmup()
+    names = list(signatures) if warmup is True else list(warmup)
+    unknown = sorted(set(names) - set(signatures))
+    if unknown:
+      raise ValueError(
+          f"{where}: warmup names signatures {unknown} that the artifact does not"
+          f" have; it has {sorted(signatures)}."
+      )
+    for name in names:
+      signatures[name].warmup()
   return signatures
 
 
@@ -923,7 +973,7 @@ def _read_manifest(path: pathlib.Path, text: bytes) -> dict[str, Any]:
     if not isinstance(entry["file"], str):
       fail(f"{at}: 'file' must be a string, got {_json_type(entry['file'])}.")
     digest = entry["sha256"]
-    if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+    if not _is_sha256(digest):
       fail(f"{at}: 'sha256' must be 64 lowercase hex digits, got {json.dumps(digest)}.")
     outputs = entry["outputs"]
     if not isinstance(outputs, dict) or not outputs:
@@ -975,6 +1025,10 @@ def _spec_problem(spec: Any, *, batched: bool) -> str | None:
   return None
 
 
+def _is_sha256(value: Any) -> bool:
+  return isinstance(value, str) and len(value) == 64 and not set(value) - set("0123456789abcdef")
+
+
 def _is_list_of(value: Any, kind: type) -> bool:
   return isinstance(value, list) and all(isinstance(v, kind) for v in value)
 
@@ -990,6 +1044,7 @@ def _check_module(
     exported: jax.export.Exported,
     manifest: Mapping[str, Any],
     entry: Mapping[str, Any],
+    context: mlir_ir.Context,
 ) -> None:
   """Raises an ArtifactError unless `exported` is what `save` writes for `entry`."""
 
@@ -1035,12 +1090,12 @@ def _check_module(
   if list(kept) != sorted(set(kept)) or any(not 0 <= i < len(exported.in_avals) for i in kept):
     fail(f"its kept-argument indices {list(kept)} do not index its inputs.")
 
-  problem = _stablehlo_problem(exported)
+  problem = _stablehlo_problem(exported, context)
   if problem:
     fail(problem)
 
 
-def _stablehlo_problem(exported: jax.export.Exported) -> str | None:
+def _stablehlo_problem(exported: jax.export.Exported, context: mlir_ir.Context) -> str | None:
   """What is wrong with the module's StableHLO itself, if anything.
 
   Reads the module as jax's own call lowering does: its custom-call targets
@@ -1050,7 +1105,7 @@ def _stablehlo_problem(exported: jax.export.Exported) -> str | None:
   metadata states, since jax splices the module in trusting them.
   """
   try:
-    with jax_mlir.make_ir_context():
+    with context:
       module = exported.mlir_module(serialized=False)
       targets, main = set(), None
       stack = [module.operation]
@@ -1134,7 +1189,8 @@ def save_saved_model(
   Needs TensorFlow (`pip install 'jheads[tf]'`); `save` does not. The
   signatures, their inputs (a leading batch dimension of any size) and
   outputs are those of `save` and `load`, class names included as string
-  tensors. Each signature wraps the same StableHLO, through
+  tensors. Each signature wraps the very module `save` exports for it (so a
+  model saved from many devices serves on one here too), through
   `jax.experimental.jax2tf`, for all `platforms` at once. They are
   Predict-API signatures: TF Serving's Classify and Regress APIs, which feed
   serialized `tf.Example`s, do not apply.
@@ -1151,7 +1207,7 @@ def save_saved_model(
   from jax.experimental import jax2tf
 
   inputs = _input_specs(example_features)
-  model = _one_device_model(predict_logits, inputs)
+  exports = _export_signatures(head, predict_logits, inputs, tuple(platforms))
   rules = _class_rules(head)
   heads = head.heads if isinstance(head, combinator.MultiHead) else (head,)
   names = {h.name: vocab.class_names(h) for h in heads}
@@ -1162,7 +1218,7 @@ def save_saved_model(
 
   def tf_signature(signature: str) -> Any:
     converted = jax2tf.convert(
-        _signature_fn(head, model, signature),
+        exports[signature].call,
         polymorphic_shapes=[{name: f"({BATCH_DIM}, ...)" for name in inputs}],
         native_serialization_platforms=tuple(platforms),
         with_gradient=False,
@@ -1183,8 +1239,5 @@ def save_saved_model(
         serve, input_signature=input_signature, autograph=False
     ).get_concrete_function()
 
-  signatures = {
-      signature: tf_signature(signature)
-      for signature in _signature_names(head, model, inputs)
-  }
+  signatures = {signature: tf_signature(signature) for signature in exports}
   tf.saved_model.save(tf.Module(), str(directory), signatures=signatures)

@@ -670,6 +670,18 @@ def test_bit_flips_are_rejected_before_deserialization(copy, monkeypatch):
     export.load(copy)
 
 
+def test_a_pinned_digest_admits_only_that_artifact(copy, monkeypatch):
+  digest = read_manifest(copy)["manifest_sha256"]
+  export.load(copy, expected_sha256=digest)
+  # A crafted module with its digests recomputed: refused before any parsing.
+  replace_module(copy, "predict", (copy / "regression.jaxexport").read_bytes())
+  monkeypatch.setattr(jax.export, "deserialize", lambda _: pytest.fail("deserialized"))
+  with pytest.raises(export.ArtifactError, match=f"manifest.json' is the artifact [0-9a-f]{{64}}, not the expected {digest}"):
+    export.load(copy, expected_sha256=digest)
+  with pytest.raises(ValueError, match="expected_sha256 must be 64 lowercase hex digits"):
+    export.load(copy, expected_sha256=digest.upper())
+
+
 def test_garbage_with_a_matching_digest_is_an_artifact_error(copy):
   replace_module(copy, "predict", b"not a flatbuffer at all")
   with pytest.raises(export.ArtifactError, match="is not a serialized jax.export module"):
@@ -918,6 +930,11 @@ def test_warmup_compiles_every_bucket_at_load(classifier_artifact, compilations)
   for batch_size in (1, 5, 8, 11):
     loaded["classification"](make_features(batch_size))
   assert len(compilations) == 2 * len(loaded)
+  # Only the signatures a server answers.
+  loaded = export.load(classifier_artifact, batch_buckets=(2, 8), warmup=["predict"])
+  assert len(compilations) == 2 * len(loaded) + 2
+  assert loaded["predict"].compiled_batch_sizes == (2, 8)
+  assert loaded["classification"].compiled_batch_sizes == ()
 
 
 @pytest.mark.parametrize("buckets", [(), (0, 4), (2.0,), (True,), "8", 8])
@@ -926,9 +943,13 @@ def test_bad_buckets_raise(classifier_artifact, buckets):
     export.load(classifier_artifact, batch_buckets=buckets)
 
 
-def test_warmup_needs_buckets(classifier_artifact):
-  with pytest.raises(ValueError, match="warmup=True compiles the batch buckets"):
+def test_warmup_checks_its_arguments(classifier_artifact):
+  with pytest.raises(ValueError, match="warmup compiles the batch buckets, but batch_buckets=None has none"):
     export.load(classifier_artifact, batch_buckets=None, warmup=True)
+  with pytest.raises(ValueError, match=r"warmup names signatures \['nope'\] that the artifact does not have"):
+    export.load(classifier_artifact, warmup=["predict", "nope"])
+  with pytest.raises(ValueError, match="warmup must be True, False or a list of signature names"):
+    export.load(classifier_artifact, warmup="predict")
 
 
 # ----------------------------------------------------------------------------
