@@ -1,0 +1,425 @@
+"""Exact solvers for the small `[T, T]` problems of the aggregators, inside jit.
+
+Three problems, all on a Gramian-sized matrix `Q` (`T` = number of heads):
+
+* `nonneg_qp`: `min 1/2 x'Qx + q'x` subject to `x >= 0` (UPGrad, DualProj:
+  the dual-cone projections), `Q` positive definite.
+* `simplex_qp`: the same subject to `x >= 0, sum x = 1` (MGDA's min-norm
+  point, CAGrad's inner problem), `Q` positive semi-definite.
+* `nash_newton`: `min 1/2 a'Ca - sum log a` over `a > 0` (Nash-MTL's
+  bargaining solution `a_i (Ca)_i = 1`), by damped Newton.
+* `cagrad_direction`: `min_{w in simplex} w'b + phi sqrt(w'Qw)` (CAGrad),
+  by a safeguarded root search over simplex QPs.
+
+Why our own solvers and not a library: no maintained JAX QP solver is a
+runtime dependency here (jaxopt is archived, qpax would be one more package),
+and the problems are tiny and dense, so the cost that matters is the number
+of sequential steps inside `lax.while_loop`, not flops. A first-order method
+needs hundreds of steps on the ill-conditioned Gramians of conflicting heads
+(UPGrad's `reg_eps = 1e-4` allows a condition number of 1e4) and is never
+exact; an interior-point method needs a fresh `T x T` factorisation per step
+(for UPGrad, `T` of them per step, about 0.3 ms at `T = 40` on a CPU).
+
+The QPs use a primal active-set method (Lawson and Hanson's NNLS, 1974, ch.
+23; for the simplex, Wolfe's 1976 min-norm-point algorithm has the same
+structure): the passive set grows by the most violated constraint or
+shrinks by the first blocking one, and on the passive set the equality-
+constrained minimiser is exact. It terminates in finitely many steps (in
+practice at most a couple of times the size of the final support), each step
+`O(T^2)`: the inverse of the passive block of the KKT matrix is kept
+explicitly and changed by one rank-one term per step (bordering when an
+index enters, the Schur-complement downdate when one leaves), which needs
+only matrix-vector products, no factorisation and no triangular solves.
+Because an updated inverse drifts, the final passive solution is refined with
+its own residual (iterative refinement, a few matrix-vector products) before
+it is returned. All of it vectorises: UPGrad's `T` problems run as one
+`vmap`-ed loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_HI = lax.Precision.HIGHEST
+
+
+def _mv(a, x):
+  return jnp.matmul(a, x, precision=_HI)
+
+
+class ActiveSet(NamedTuple):
+  """Warm-startable state of the active-set QP solver, for `B` problems.
+
+  Attributes:
+    x: `[B, T]` the current feasible points.
+    passive: `[B, m]` bool, the passive sets (`x_i` free), `m = T` or
+      `T + 1` with the simplex's multiplier last (always passive).
+    kinv: `[B, m, m]` the inverses of the passive blocks of the KKT matrix,
+      embedded (zero outside the passive rows and columns).
+    steps: int32 steps taken so far.
+  """
+
+  x: jax.Array
+  passive: jax.Array
+  kinv: jax.Array
+  steps: jax.Array
+
+
+class _Carry(NamedTuple):
+  st: ActiveSet
+  s: jax.Array  # [B, m] kinv @ h, the passive solutions, kept in step with kinv
+  done: jax.Array  # [B] bool
+
+
+def _kkt(q_mat, simplex):
+  if not simplex:
+    return q_mat
+  t = q_mat.shape[0]
+  ones = jnp.ones((t, 1), q_mat.dtype)
+  top = jnp.concatenate([q_mat, ones], axis=1)
+  bottom = jnp.concatenate([ones.T, jnp.zeros((1, 1), q_mat.dtype)], axis=1)
+  return jnp.concatenate([top, bottom], axis=0)
+
+
+def _rhs(q_vecs, simplex):
+  if not simplex:
+    return -q_vecs
+  return jnp.concatenate([-q_vecs, jnp.ones(q_vecs.shape[:1] + (1,), q_vecs.dtype)], axis=1)
+
+
+def _start(q_mat, q_vecs, simplex, allowed=None) -> ActiveSet:
+  """Nonneg: the empty passive set at 0. Simplex: the best allowed vertex."""
+  b, t = q_vecs.shape
+  dtype = q_vecs.dtype
+  if not simplex:
+    return ActiveSet(
+        jnp.zeros((b, t), dtype), jnp.zeros((b, t), bool), jnp.zeros((b, t, t), dtype), jnp.int32(0)
+    )
+  score = 0.5 * jnp.diagonal(q_mat) + q_vecs
+  if allowed is not None:
+    score = jnp.where(allowed, score, jnp.inf)
+  i0 = jnp.argmin(score, axis=1)
+  x = jax.nn.one_hot(i0, t, dtype=dtype)
+  passive = jnp.concatenate([x > 0, jnp.ones((b, 1), bool)], axis=1)
+  # The inverse of [[Q_ii, 1], [1, 0]] is [[0, 1], [1, -Q_ii]].
+  e = jax.nn.one_hot(i0, t + 1, dtype=dtype)
+  last = jax.nn.one_hot(jnp.full((b,), t), t + 1, dtype=dtype)
+  qii = jnp.diagonal(q_mat)[i0]
+  kinv = (
+      e[:, :, None] * last[:, None, :]
+      + last[:, :, None] * e[:, None, :]
+      - qii[:, None, None] * last[:, :, None] * last[:, None, :]
+  )
+  return ActiveSet(x, passive, kinv, jnp.int32(0))
+
+
+def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2, block=4):
+  """Runs the active-set method on `B` problems from `state`; refines them.
+
+  The problems share `q_mat` and differ in `q_vecs` (`[B, T]`): products with
+  the shared matrix are `[B, T] x [T, T]`, and each step reads and writes the
+  `[B, m, m]` inverses once (the loop is written batched, not vmapped, so the
+  finished problems cost no per-element select on them).
+
+  Each step either drops the first blocking passive index or adds up to
+  `block` of the most violated constraints at once (a block bordering: the
+  same one pass over `kinv` as adding one, so about a quarter of the steps
+  on problems with many conflicts); after `2 T` steps it adds one at a time,
+  which is Lawson and Hanson's rule and terminates. Indices outside
+  `allowed` (`[T]` bool; padding heads) never enter.
+  """
+  nb, t = q_vecs.shape
+  dtype = q_vecs.dtype
+  eps = jnp.finfo(dtype).eps
+  kkt = _kkt(q_mat, simplex)
+  h = _rhs(q_vecs, simplex)
+  m = kkt.shape[0]
+  block = max(1, min(block, t))
+  diag_max = jnp.max(jnp.abs(jnp.diagonal(q_mat)))
+  abs_q = jnp.abs(q_mat)
+  pivot_tol = 4 * t * eps * diag_max
+
+  def step(carry):
+    st, s_full = carry.st, carry.s
+    active = ~carry.done
+    prim = st.passive[:, :t]
+    s = s_full[:, :t]
+    blocked = prim & (s <= 0)
+    infeasible = jnp.any(blocked, axis=1)
+
+    # Leave: move towards s until the first passive x_k reaches 0; drop k.
+    gap = st.x - s
+    ratio = jnp.where(blocked, jnp.where(gap > 0, st.x / jnp.where(gap > 0, gap, 1), 0), jnp.inf)
+    k = jnp.argmin(ratio, axis=1)
+    alpha = jnp.clip(jnp.min(ratio, axis=1), 0, 1)[:, None]
+    onehot_k = jax.nn.one_hot(k, m, dtype=dtype)
+    x_leave = jnp.where(prim & (onehot_k[:, :t] == 0), st.x + alpha * (s - st.x), 0)
+
+    # Enter: at x = s, the constraints with the most negative reduced gradients.
+    x_enter = jnp.where(prim, jnp.maximum(s, 0), 0)
+    grad = jnp.matmul(x_enter, q_mat, precision=_HI) + q_vecs
+    noise = jnp.matmul(jnp.abs(x_enter), abs_q, precision=_HI) + jnp.abs(q_vecs)
+    if simplex:
+      grad = grad + s_full[:, t:]  # the passive multiplier: reduced gradient 0 there
+      noise = noise + jnp.abs(s_full[:, t:])
+    # Rounding level of each reduced gradient: a constraint enters only above it.
+    excluded = prim if allowed is None else prim | ~allowed
+    cand = jnp.where(excluded, jnp.inf, grad + 8 * eps * noise)
+    neg_vals, idx = lax.top_k(-cand, block)
+    width = jnp.where(st.steps < 2 * t, block, 1)
+    valid = (neg_vals > 0) & (jnp.arange(block) < width) & ~infeasible[:, None] & active[:, None]
+    onehots = jnp.swapaxes(jax.nn.one_hot(idx, m, dtype=dtype), 1, 2)  # [B, m, block]
+    cols = jnp.einsum("ij,bjr->bir", kkt, onehots, precision=_HI)
+
+    # kinv is read once per step: all candidate directions in one product.
+    rhs = jnp.concatenate([cols, onehot_k[:, :, None]], axis=2)
+    prod = jnp.einsum("bij,bjr->bir", st.kinv, rhs, precision=_HI)
+    z = prod[:, :, :block] - onehots
+    c = prod[:, :, block]
+    ck = jnp.sum(c * onehot_k, axis=1)
+    schur = jnp.einsum("bir,bis->brs", onehots, cols) - jnp.einsum(
+        "bir,bis->brs", cols, prod[:, :, :block], precision=_HI
+    )
+    # Sequential bordering inside the block (Gaussian elimination of the
+    # Schur complement): skipped candidates (invalid, or a pivot at the
+    # rounding level: dependent on the passive heads) leave the rest intact.
+    coefs = []
+    zs = [z[:, :, i] for i in range(block)]
+    rows = [schur[:, i, :] for i in range(block)]
+    for i in range(block):
+      piv = rows[i][:, i]
+      ok = valid[:, i] & (piv > pivot_tol)
+      inv = jnp.where(ok, 1 / jnp.where(ok, piv, 1), 0)
+      coefs.append(inv)
+      for l in range(i + 1, block):
+        f = (rows[l][:, i] * inv)[:, None]
+        zs[l] = zs[l] - f * zs[i]
+        rows[l] = rows[l] - f * rows[i]
+    entered = jnp.stack(coefs, axis=1) != 0
+    can_enter = jnp.any(entered, axis=1)
+
+    # One low-rank change of kinv: the downdate of k (in the first slot), or
+    # the block bordering.
+    drop = infeasible & active
+    ws = [jnp.where(infeasible[:, None], c, zs[0])] + zs[1:]
+    wcoefs = [jnp.where(drop, -1 / jnp.where(ck != 0, ck, 1), jnp.where(infeasible, 0, coefs[0]))]
+    wcoefs += [jnp.where(infeasible, 0, ci) for ci in coefs[1:]]
+    kinv = st.kinv
+    s_full_new = s_full
+    for w, wc in zip(ws, wcoefs):
+      # Elementwise outer products: one fused pass, no [B, m, m] temporaries.
+      kinv = kinv + w[:, :, None] * (wc[:, None] * w)[:, None, :]
+      s_full_new = s_full_new + (wc * jnp.sum(w * h, axis=1))[:, None] * w
+    x = jnp.where(infeasible[:, None], x_leave, x_enter)
+    x = jnp.where(active[:, None], x, st.x)
+    added = jnp.any(onehots * entered[:, None, :] > 0, axis=2)
+    passive = jnp.where(drop[:, None], st.passive & (onehot_k == 0), st.passive | added)
+    done = carry.done | (~infeasible & ~can_enter)
+    return _Carry(ActiveSet(x, passive, kinv, st.steps + 1), s_full_new, done)
+
+  def cond(carry):
+    return ~jnp.all(carry.done) & (carry.st.steps < max_steps)
+
+  s0 = jnp.einsum("bij,bj->bi", state.kinv, h, precision=_HI)
+  carry = lax.while_loop(cond, step, _Carry(state, s0, jnp.zeros((nb,), bool)))
+  st = carry.st
+
+  # Iterative refinement of the passive solutions against the drift of kinv.
+  mask = st.passive.astype(dtype)
+  y = carry.s
+  for _ in range(refine):
+    r = h * mask - mask * jnp.matmul(y * mask, kkt, precision=_HI)
+    y = y + jnp.einsum("bij,bj->bi", st.kinv, r, precision=_HI)
+  x = jnp.where(st.passive[:, :t], jnp.maximum(y[:, :t], 0), 0)
+  return st._replace(x=x), y
+
+
+def nonneg_qp(q_mat, q_vecs, *, max_steps=None):
+  """`argmin_{x >= 0} 1/2 x'Qx + q'x` for positive definite `Q`, `B` problems.
+
+  Args:
+    q_mat: `[T, T]` symmetric positive definite, shared by the problems.
+    q_vecs: `[B, T]`, one linear term per problem.
+    max_steps: cap on active-set steps (default `4 T + 16`).
+
+  Returns:
+    `[B, T]` the minimisers.
+  """
+  t = q_vecs.shape[1]
+  max_steps = 4 * t + 16 if max_steps is None else max_steps
+  st, _ = _solve(q_mat, q_vecs, _start(q_mat, q_vecs, False), simplex=False, max_steps=max_steps)
+  return st.x
+
+
+def simplex_start(q_mat, q_vec, allowed=None) -> ActiveSet:
+  """The initial `ActiveSet` of `simplex_qp` (one problem): the best vertex."""
+  return _start(q_mat, q_vec[None], True, allowed)
+
+
+def simplex_qp(q_mat, q_vec, state=None, *, allowed=None, max_steps=None):
+  """`argmin 1/2 x'Qx + q'x` over the probability simplex (one problem).
+
+  `Q` may be singular (duplicate heads, fewer parameters than heads): the
+  method keeps the passive heads affinely independent, which keeps its KKT
+  block invertible, and a head enters only through a positive Schur
+  complement.
+
+  Args:
+    q_mat: `[T, T]` symmetric positive semi-definite.
+    q_vec: `[T]`.
+    state: an `ActiveSet` to warm-start from (feasible for the simplex),
+      e.g. the result for a nearby `q_vec`; default `simplex_start`.
+    allowed: `[T]` bool, the vertices allowed (default all; the others are
+      padding and keep weight 0).
+    max_steps: cap on active-set steps (default `4 T + 16`).
+
+  Returns:
+    `(x, multiplier, state)`: the `[T]` minimiser, the multiplier `nu` of
+    `sum x = 1` (the reduced gradient `Qx + q + nu` is 0 on the support and
+    >= 0 off it), and the final `ActiveSet`.
+  """
+  t = q_vec.shape[0]
+  max_steps = 4 * t + 16 if max_steps is None else max_steps
+  if state is None:
+    state = simplex_start(q_mat, q_vec, allowed)
+  state = state._replace(steps=jnp.int32(0))
+  st, y = _solve(q_mat, q_vec[None], state, simplex=True, max_steps=max_steps, allowed=allowed)
+  x = st.x[0] / jnp.sum(st.x[0])
+  return x, y[0, t], st
+
+
+# ----------------------------------------------------------------------------
+# CAGrad: min_{w in simplex} w'b + phi sqrt(w'Qw).
+
+
+def cagrad_direction(q_mat, b, phi, *, allowed=None, max_rounds=40):
+  """The CAGrad weights `w*` and `sqrt(w*'Q w*)`.
+
+  For `t > 0` let `w(t)` be the simplex QP minimiser of `t b'w + 1/2 w'Qw`.
+  `w*` is `w(t)` at the root of `F(t) = sqrt(w(t)'Qw(t)) - phi t` (the KKT
+  conditions of both problems coincide there, with `t = |g_w| / phi`). On a
+  fixed support `w(t) = w0 + t w1` with `w0'Qw1 = 0`, so
+  `F(t) = 0` at `t = sqrt(A / (phi^2 - C))`, `A = w0'Qw0`, `C = w1'Qw1`: each
+  round solves one warm-started QP and jumps to the root of its piece, inside
+  a bisection bracket `[0, max_i sqrt(Q_ii) / phi]` that keeps it safe.
+
+  Args:
+    q_mat: `[T, T]` the (normalised) Gramian.
+    b: `[T]`, `Q 1 / T`.
+    phi: scalar > 0, `c |g_0|`.
+    allowed: `[T]` bool, the heads (default all; the others are padding).
+    max_rounds: cap on QP solves.
+
+  Returns:
+    `(w, norm)`: `[T]` simplex weights and `sqrt(w'Qw)`.
+  """
+  t_heads = b.shape[0]
+  dtype = b.dtype
+  eps = jnp.finfo(dtype).eps
+  smax = jnp.sqrt(jnp.max(jnp.diagonal(q_mat)))
+  t_hi = smax / phi
+  e_last = jnp.zeros(t_heads + 1, dtype).at[t_heads].set(1)
+  b_rhs = jnp.concatenate([-b, jnp.zeros((1,), dtype)])
+
+  def norm(w):
+    return jnp.sqrt(jnp.maximum(jnp.dot(w, _mv(q_mat, w), precision=_HI), 0))
+
+  def piece_root(st):
+    w0 = _mv(st.kinv[0], e_last)[:t_heads]
+    w1 = _mv(st.kinv[0], b_rhs)[:t_heads]
+    a = jnp.maximum(jnp.dot(w0, _mv(q_mat, w0), precision=_HI), 0)
+    c = jnp.maximum(jnp.dot(w1, _mv(q_mat, w1), precision=_HI), 0)
+    den = phi**2 - c
+    return jnp.where(den > 0, jnp.sqrt(a / jnp.where(den > 0, den, 1)), jnp.inf)
+
+  class Carry(NamedTuple):
+    t: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    st: ActiveSet
+    w: jax.Array
+    rounds: jax.Array
+    done: jax.Array
+
+  def body(c):
+    w, _, st = simplex_qp(q_mat, c.t * b, c.st, allowed=allowed)
+    f = norm(w) - phi * c.t
+    lo = jnp.where(f > 0, c.t, c.lo)
+    hi = jnp.where(f > 0, c.hi, c.t)
+    cand = piece_root(st)
+    support_same = jnp.all(st.passive == c.st.passive)
+    converged = (jnp.abs(f) <= 16 * eps * smax) | (hi - lo <= 4 * eps * hi)
+    converged |= support_same & (c.rounds > 0) & (jnp.abs(cand - c.t) <= 16 * eps * c.t)
+    inside = (cand > lo) & (cand < hi)
+    t_next = jnp.where(inside, cand, 0.5 * (lo + hi))
+    return Carry(t_next, lo, hi, st, w, c.rounds + 1, converged)
+
+  def cond(c):
+    return ~c.done & (c.rounds < max_rounds)
+
+  st0 = simplex_start(q_mat, t_hi * b, allowed)
+  c0 = Carry(t_hi, jnp.zeros((), dtype), t_hi, st0, st0.x[0], jnp.int32(0), jnp.bool_(False))
+  c = lax.while_loop(cond, body, c0)
+  # Polish: the exact root on the final support, when it lies in the simplex.
+  t_star = piece_root(c.st)
+  w_piece = (_mv(c.st.kinv[0], e_last) + t_star * _mv(c.st.kinv[0], b_rhs))[:t_heads]
+  ok = jnp.isfinite(t_star) & jnp.all(w_piece >= -eps)
+  w = jnp.where(ok, jnp.maximum(w_piece, 0), c.w)
+  w = w / jnp.sum(w)
+  return w, norm(w)
+
+
+# ----------------------------------------------------------------------------
+# Nash-MTL: min 1/2 a'Ca - sum log a, a > 0.
+
+
+def nash_newton(corr, *, max_steps, reg):
+  """The positive solution of `a_i (C a)_i = 1`, by damped Newton.
+
+  `f(a) = 1/2 a'(C + reg I)a - sum log a` is self-concordant, so Newton's
+  step damped by `1 / (1 + lambda)` (`lambda` the Newton decrement) stays
+  in `a > 0` and converges from any start (Nesterov and Nemirovski 1994),
+  quadratically once `lambda < 1/4`. `reg` keeps `f` bounded when the heads
+  are Pareto-stationary (a nonnegative null vector of `C`: no exact
+  solution), where `a` then grows like `reg ** -0.5` but stays finite.
+
+  Args:
+    corr: `[T, T]` positive semi-definite with unit diagonal.
+    max_steps: cap on Newton steps.
+    reg: the diagonal shift.
+
+  Returns:
+    `[T]` the solution.
+  """
+  t = corr.shape[0]
+  dtype = corr.dtype
+  eps = jnp.finfo(dtype).eps
+  c = corr + reg * jnp.eye(t, dtype=dtype)
+  ones = jnp.ones(t, dtype)
+  # Start on the ray of ones at its exact minimiser: t* = sqrt(T / 1'C1).
+  a0 = ones * jnp.sqrt(t / jnp.maximum(jnp.sum(c), eps))
+
+  def body(carry):
+    a, _, k = carry
+    g = _mv(c, a) - 1 / a
+    hess = c + jnp.diag(1 / a**2)
+    chol = jnp.linalg.cholesky(hess)
+    d = -jax.scipy.linalg.cho_solve((chol, True), g)
+    lam2 = jnp.maximum(-jnp.dot(g, d), 0)
+    lam = jnp.sqrt(lam2)
+    step = jnp.where(lam < 0.25, 1.0, 1 / (1 + lam))
+    a_new = a + step * d
+    # Guard against rounding pushing a component to 0 or below.
+    a_new = jnp.where(a_new > 0, a_new, 0.5 * a)
+    return a_new, lam2, k + 1
+
+  def cond(carry):
+    _, lam2, k = carry
+    return (lam2 > 16 * t * eps) & (k < max_steps)
+
+  a, _, _ = lax.while_loop(cond, body, (a0, jnp.asarray(jnp.inf, dtype), jnp.int32(0)))
+  return a
