@@ -29,6 +29,7 @@ import numpy as np
 from jheads import base
 from jheads import checks
 from jheads import metrics
+from jheads import stacked
 
 _WHERE = "multi_head"
 
@@ -60,12 +61,17 @@ class MultiHead(NamedTuple):
       recompiling. `axis_name` as for `Head.loss_fn`.
     metric_fn: `(logits, labels, features=None, *, axis_name=None) -> stats`;
       each head's statistics under `<metric>/<head>` keys, plus
-      `loss/<head>`, the mean over batches of each head's reduced loss.
+      `loss/<head>`, the mean over batches of each head's reduced loss. The
+      statistics come as a `jheads.stacked.GroupedStats`: a read-only
+      mapping with those keys, holding one stacked array per statistic per
+      group of like heads.
     predict_fn: `logits -> dict` keyed by `(head_name, prediction_key)`.
     heads: the component heads (nested multi_heads flattened).
     head_weights: the default head weights.
     head_losses_fn: `(logits, labels, features=None, *, axis_name=None) ->
-      dict[head_name, scalar]`, each head's unweighted reduced loss.
+      {head_name: scalar}`, each head's unweighted reduced loss, as a
+      `jheads.stacked.HeadValues` (a read-only mapping over one `[n_heads]`
+      array; `.stacked` is the array).
     losses_fn: `(logits, labels, features=None, *, head_weights=None,
       axis_name=None) -> (loss, head_losses)`: both of the above from one
       computation, as a train step reports them.
@@ -290,11 +296,9 @@ def multi_head(
     weighted = jnp.where(weights == 0, 0.0, losses)
     # HIGHEST: a float32 loss must not go through a bf16 matmul pass on TPU.
     total = jnp.dot(weights, weighted, precision=jax.lax.Precision.HIGHEST)
-    per_head = {}
-    for indices, group_losses in groups:
-      for j, i in enumerate(indices):
-        per_head[i] = group_losses[j]
-    return total, {names[i]: per_head[i] for i in range(len(heads))}
+    if not np.array_equal(order, np.arange(len(heads))):
+      losses = losses[np.argsort(order)]
+    return total, stacked.HeadValues(names, losses)
 
   def loss_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
     return losses_fn(
@@ -312,7 +316,7 @@ def multi_head(
 
     # One batch counts once however many shards it is split over.
     count = base.shard_share(1.0, axis_name)
-    loss_stats, head_stats = {}, {}
+    groups = []
     for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics):
       group_losses = base.reduce_loss(terms, axis_name)
       if checks.should_check(group_losses, stats):
@@ -321,16 +325,11 @@ def multi_head(
             for x in jax.tree.leaves(stats)
         ]
         enforce_finite("the metric statistics", indices, jnp.all(jnp.stack(finite), axis=0))
-      for j, i in enumerate(indices):
-        loss_stats[f"loss/{names[i]}"] = metrics.Ratio(
-            group_losses[j], count.astype(group_losses.dtype)
-        )
-        own_stats = jax.tree.map(lambda x, j=j: x[j], stats)
-        head_stats[i] = base.suffix_keys(own_stats, names[i])
-    merged = {f"loss/{n}": loss_stats[f"loss/{n}"] for n in names}
-    for i in range(len(heads)):
-      merged.update(head_stats[i])
-    return merged
+      loss = metrics.Ratio(
+          group_losses, jnp.broadcast_to(count, group_losses.shape).astype(group_losses.dtype)
+      )
+      groups.append(stacked.Group([names[i] for i in indices], {"loss": loss, **stats}))
+    return stacked.GroupedStats(groups, order=names)
 
   def predict_fn(logits):
     per_head_logits = split_logits(logits)

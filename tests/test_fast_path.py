@@ -119,8 +119,8 @@ def evaluate(head, logits, labels, features, *, jit=True, finalize=False):
     return {
         "loss": loss,
         "grads": grads,
-        "head_losses": head.head_losses_fn(logits, labels, features),
-        "stats": stats,
+        "head_losses": dict(head.head_losses_fn(logits, labels, features)),
+        "stats": dict(stats),
         "metrics": metrics.compute(stats) if finalize else {},
         "predictions": head.predict_fn(logits),
     }

@@ -57,7 +57,7 @@ def test_dict_logits_equal_split_logits():
   split = concatenated(logits, heads)
   np.testing.assert_allclose(head.loss_fn(split, labels, features), head.loss_fn(logits, labels, features), rtol=1e-6)
   chex.assert_trees_all_close(
-      head.metric_fn(split, labels, features), head.metric_fn(logits, labels, features), rtol=1e-6
+      dict(head.metric_fn(split, labels, features)), dict(head.metric_fn(logits, labels, features)), rtol=1e-6
   )
   chex.assert_trees_all_close(head.predict_fn(split), head.predict_fn(logits), rtol=1e-6)
 
@@ -164,9 +164,10 @@ def test_grouped_and_per_head_paths_agree():
   logits, labels, features = draw_all(heads, per_head_cases, np.random.default_rng(6))
   split = concatenated(logits, heads)
   for fn in ("head_losses_fn", "metric_fn"):
+    # Stacked per group either way: compare what a user reads, key by key.
     chex.assert_trees_all_close(
-        jax.jit(getattr(grouped, fn))(split, labels, features),
-        jax.jit(getattr(per_head, fn))(split, labels, features),
+        dict(jax.jit(getattr(grouped, fn))(split, labels, features)),
+        dict(jax.jit(getattr(per_head, fn))(split, labels, features)),
         rtol=1e-6, atol=1e-6,
     )
   chex.assert_trees_all_close(jax.jit(grouped.predict_fn)(split), jax.jit(per_head.predict_fn)(split), rtol=1e-6)
