@@ -364,10 +364,17 @@ def save(
     filename = _module_file(signature)
     (directory / filename).write_bytes(module)
     output_avals = jax.tree.unflatten(exported.out_tree, exported.out_avals)
+    outputs = {name: _describe(aval) for name, aval in output_avals.items()}
+    for name, spec in outputs.items():
+      if _spec_problem(spec):
+        raise ValueError(
+            f"jheads.export.save: signature {signature!r}'s output {name!r} is"
+            f" {spec['shape']}; every output needs the batch dimension first."
+        )
     manifest_signatures[signature] = {
         "file": filename,
         "sha256": hashlib.sha256(module).hexdigest(),
-        "outputs": {name: _describe(aval) for name, aval in output_avals.items()},
+        "outputs": outputs,
         "class_outputs": rules.get(signature, {}),
     }
 
@@ -531,9 +538,10 @@ def load(
 
   The digests catch corruption and files swapped by mistake, not an author
   who rewrites them: an artifact is executable code, and jax's own reader of
-  its StableHLO is not hardened against crafted bytes (one in 30 random bit
-  flips, with the digests recomputed, crashes it). Load artifacts only from
-  sources you trust, and pin the one you mean with `expected_sha256`.
+  its StableHLO is not hardened against crafted bytes (with its digests
+  recomputed, a module with random bit flips can crash it). Load artifacts
+  only from sources you trust, and pin the one you mean with
+  `expected_sha256`.
 
   Args:
     directory: a directory written by `save`.
@@ -552,8 +560,9 @@ def load(
     A dict from signature name to `Signature`.
 
   Raises:
-    ArtifactError: the directory is not an artifact this jheads serves.
-    ValueError: bad `batch_buckets`.
+    ArtifactError: the directory is not an artifact this jheads serves, or
+      not the `expected_sha256` one.
+    ValueError: bad `batch_buckets`, `warmup` or `expected_sha256`.
   """
   where = "jheads.export.load"
   buckets = _check_buckets(batch_buckets)
@@ -944,7 +953,7 @@ def _read_manifest(path: pathlib.Path, text: bytes) -> dict[str, Any]:
   if not isinstance(inputs, dict) or not inputs:
     fail(f"'inputs' must be a non-empty object, got {_json_type(inputs)}.")
   for name, spec in inputs.items():
-    problem = _spec_problem(spec, batched=True)
+    problem = _spec_problem(spec)
     if problem:
       fail(f"input {name!r}: {problem}")
 
@@ -979,7 +988,7 @@ def _read_manifest(path: pathlib.Path, text: bytes) -> dict[str, Any]:
     if not isinstance(outputs, dict) or not outputs:
       fail(f"{at}: 'outputs' must be a non-empty object.")
     for name, spec in outputs.items():
-      problem = _spec_problem(spec, batched=False)
+      problem = _spec_problem(spec)
       if problem:
         fail(f"{at}: output {name!r}: {problem}")
     rules = entry["class_outputs"]
@@ -1009,18 +1018,21 @@ def _read_manifest(path: pathlib.Path, text: bytes) -> dict[str, Any]:
   return manifest
 
 
-def _spec_problem(spec: Any, *, batched: bool) -> str | None:
-  """What is wrong with a manifest's `{"shape", "dtype"}`, if anything."""
+def _spec_problem(spec: Any) -> str | None:
+  """What is wrong with a manifest's `{"shape", "dtype"}`, if anything.
+
+  Every input and output is batched: its leading dimension is "b" (which
+  batch buckets cut back), the others sizes.
+  """
   if not isinstance(spec, dict) or set(spec) != {"shape", "dtype"}:
     return "must be an object with 'shape' and 'dtype'."
   shape, dtype = spec["shape"], spec["dtype"]
   if not isinstance(dtype, str) or dtype not in _MLIR_ELEMENT_TYPES:
     return f"dtype {json.dumps(dtype)} is not one of {sorted(_MLIR_ELEMENT_TYPES)}."
-  if not isinstance(shape, list) or (batched and (not shape or shape[0] != BATCH_DIM)):
+  if not isinstance(shape, list) or not shape or shape[0] != BATCH_DIM:
     return f"shape must be a list starting with {BATCH_DIM!r}, got {json.dumps(shape)}."
-  for d in shape[1:] if batched else shape:
-    fixed = isinstance(d, int) and not isinstance(d, bool) and d >= 0
-    if not (fixed or (not batched and d == BATCH_DIM)):
+  for d in shape[1:]:
+    if not (isinstance(d, int) and not isinstance(d, bool) and d >= 0):
       return f"shape {json.dumps(shape)} holds {json.dumps(d)}, not a size."
   return None
 

@@ -550,6 +550,10 @@ MALFORMED = {
         lambda m: _with_entry(m, "predict", class_outputs={"classes": {"head": None, "mode": "all", "from": "nope"}}),
         "class output 'classes' reads 'nope', not an output",
     ),
+    "output without a batch": (
+        lambda m: _with_entry(m, "predict", outputs={"predictions": {"shape": [1], "dtype": "float32"}}),
+        "signature 'predict': output 'predictions': shape must be a list starting with 'b'",
+    ),
     "heads not a list": (lambda m: dict(m, heads={}), "'heads' must be a non-empty list, got an object"),
     "platforms": (lambda m: dict(m, platforms="cpu"), "'platforms' must be a non-empty list of strings"),
 }
