@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       if worker is not None:
         worker.close()
   report["seconds"] = time.perf_counter() - start
+  # Other processes' load inflates cold starts and p99s: say how busy the machine was.
+  report["load_average_1_5_15_min"] = list(os.getloadavg())
 
   cold_rows = [
       [name, f"{r['load_s']:.3f}", *(f"{r[f'first_call_{s}_s'] * 1e3:.1f}" for s in (*BATCH_SIZES, NEW_SIZE))]
@@ -342,7 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       ["contender", "b=256", f"b={NEW_SIZE}"],
       [[name, *(f"{r[str(b)]:.2g}" for b in (256, NEW_SIZE))] for name, r in report["parity"].items()],
   )
-  print(f"\ntook {report['seconds']:.0f} s")
+  print(f"\ntook {report['seconds']:.0f} s; load average at the end"
+        f" {', '.join(f'{x:.1f}' for x in report['load_average_1_5_15_min'])}"
+        f" on {os.cpu_count()} cores")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=1)

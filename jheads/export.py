@@ -899,10 +899,11 @@ def _read_member(root: pathlib.Path, name: Any, what: str) -> bytes:
     resolved = path.resolve(strict=True)
   except (OSError, RuntimeError) as error:
     raise ArtifactError(f"{where}: {str(path)!r} cannot be read: {error}") from error
-  if resolved.parent != root:
+  # Links within the directory are its own files (Kubernetes mounts them so).
+  if not resolved.is_relative_to(root) or resolved == root:
     raise ArtifactError(
-        f"{where}: {str(path)!r} is a symbolic link to {str(resolved)!r}, outside"
-        " the artifact directory."
+        f"{where}: {str(path)!r} is a symbolic link to {str(resolved)!r}, not a"
+        " file inside the artifact directory."
     )
   # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then rejects it.
   flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -624,13 +625,18 @@ def test_symlinks_out_are_refused_and_in_are_followed(copy):
   outside.write_bytes(module.read_bytes())
   module.unlink()
   module.symlink_to(outside)
-  with pytest.raises(export.ArtifactError, match="is a symbolic link to .*elsewhere.jaxexport.*outside the artifact"):
+  with pytest.raises(export.ArtifactError, match="is a symbolic link to .*elsewhere.jaxexport.*not a file inside the artifact directory"):
     export.load(copy)
-  # A link within the directory (as Kubernetes mounts files) is the file itself.
+  # Links within the directory, as Kubernetes mounts files, are its own files.
   module.unlink()
-  (copy / "data.bin").write_bytes(outside.read_bytes())
-  module.symlink_to("data.bin")
+  (copy / "..data").mkdir()
+  (copy / "..data" / "predict.jaxexport").write_bytes(outside.read_bytes())
+  module.symlink_to(pathlib.Path("..data") / "predict.jaxexport")
   export.load(copy)["predict"](make_features(2))
+  module.unlink()
+  module.symlink_to(copy)
+  with pytest.raises(export.ArtifactError, match="not a file inside the artifact directory"):
+    export.load(copy)
 
 
 def test_manifest_symlinked_out_is_refused(copy):
@@ -638,7 +644,7 @@ def test_manifest_symlinked_out_is_refused(copy):
   outside.write_text((copy / "manifest.json").read_text())
   (copy / "manifest.json").unlink()
   (copy / "manifest.json").symlink_to(outside)
-  with pytest.raises(export.ArtifactError, match="the manifest: .* outside the artifact"):
+  with pytest.raises(export.ArtifactError, match="the manifest: .* not a file inside the artifact directory"):
     export.load(copy)
 
 
