@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 
 from jheads import base
 from jheads import checks
-from jheads import metrics
+from jheads import metrics as metrics_lib
 
 KIND = "binary_classification"
 
@@ -24,8 +25,9 @@ def binary_classification_head(
     label_vocabulary: list[str] | tuple[str, ...] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
     loss_fn: Callable[..., Any] | None = None,
-    num_thresholds: int = metrics.DEFAULT_NUM_THRESHOLDS,
-    summation_method: str = metrics.INTERPOLATION,
+    num_thresholds: int = metrics_lib.DEFAULT_NUM_THRESHOLDS,
+    summation_method: str = metrics_lib.INTERPOLATION,
+    metrics: Sequence[str] | None = None,
 ) -> base.Head:
   """A head for single-label binary classification (TF's `BinaryClassHead`).
 
@@ -33,10 +35,26 @@ def binary_classification_head(
   floats in [0, 1] (soft labels allowed), or class ids from
   `jheads.encode_labels` when the head has a vocabulary.
 
-  Metrics: `average_loss`, `accuracy`, `precision`, `recall`,
-  `prediction/mean`, `label/mean`, `accuracy_baseline`, `auc`,
-  `auc_precision_recall`, and per threshold t `accuracy/positive_threshold_<t>`,
-  `precision/...` and `recall/...`.
+  Metrics (the default, TF's): `average_loss`, `accuracy`, `precision`,
+  `recall`, `prediction/mean`, `label/mean`, `accuracy_baseline`, `auc`,
+  `auc_precision_recall`, and per threshold t of `thresholds`
+  `accuracy/positive_threshold_<t>`, `precision/...` and `recall/...`.
+  Decisions (accuracy, precision, recall) are `logits > 0`.
+
+  `metrics=` chooses the keys instead, from those names and:
+
+  * `normalized_entropy`: the weighted mean sigmoid cross-entropy divided by
+    the binary entropy of the weighted mean label (1 is the base rate's
+    score; lower is better); from the logits, also with a custom `loss_fn`;
+  * `calibration`: weighted mean probability / weighted mean label;
+  * `ece`: expected calibration error over 10 equal-width probability bins,
+    weighted, or `ece@<bins>` over another count (bin b holds
+    probabilities in `(b/B, (b+1)/B]`);
+  * `accuracy/positive_threshold_<t>` (and `precision/...`, `recall/...`)
+    for any t in (0, 1), written as `%g` prints it.
+
+  Only the chosen metrics are computed: without an AUC no histogram is
+  built, without `ece` no bins.
 
   Predictions: `logits`, `logistic`, `probabilities` (`[1 - p, p]`),
   `class_ids`, `all_class_ids`.
@@ -66,6 +84,9 @@ def binary_classification_head(
     num_thresholds: number of thresholds of the AUC curves.
     summation_method: how the PR curve is integrated: ``"interpolation"``
       (TF 2, default) or ``"trapezoidal"`` (TF 1).
+    metrics: the metric keys to report (see above), or None for TF's set.
+      With `metrics`, `thresholds` must be None: name the threshold
+      metrics in `metrics`.
 
   Returns:
     A `jheads.Head`.
@@ -80,9 +101,16 @@ def binary_classification_head(
     >>> stats = head.metric_fn(logits, labels)
     >>> float(jheads.metrics.compute(stats)["accuracy"])
     0.5
+    >>> chosen = jheads.binary_classification_head(metrics=["calibration", "ece"])
+    >>> values = jheads.metrics.compute(chosen.metric_fn(logits, labels))
+    >>> sorted(values), round(float(values["calibration"]), 4)  # (1 + 0) / 2 / 1
+    (['calibration', 'ece'], 0.5)
   """
   name = checks.check_name(name, KIND)
   where = base.describe(KIND, name)
+  specs = _choose(where, metrics, thresholds)
+  if metrics is not None:
+    thresholds = tuple(dict.fromkeys(s.arg for s in specs if s.form == "threshold"))
   config = base.HeadConfig(
       kind=KIND,
       name=name,
@@ -96,32 +124,64 @@ def binary_classification_head(
       missing_label=checks.check_missing_label(where, missing_label),
   )
   num_thresholds = checks.check_num_thresholds(where, num_thresholds)
-  summation_method = metrics.check_summation_method(where, summation_method)
+  summation_method = metrics_lib.check_summation_method(where, summation_method)
 
   def unreduced_loss(batch: base.Batch) -> jax.Array:
     return base.sigmoid_cross_entropy(batch.logits, batch.labels)
 
+  if specs is None:
+    specs = _default_specs(config.thresholds)
+
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:
     logits, labels, weights = batch.logits, batch.labels, batch.weights
-    logistic = base.sigmoid(logits)
-    auc, auc_pr = metrics.auc_pair(
-        metrics.auc_histogram(
-            logistic, labels, weights, num_thresholds=num_thresholds
+    shared = metrics_lib.Lazy(
+        logistic=lambda: base.sigmoid(logits),
+        auc=lambda: metrics_lib.auc_pair(
+            metrics_lib.auc_histogram(
+                shared.logistic, labels, weights, num_thresholds=num_thresholds
+            ),
+            summation_method,
         ),
-        summation_method,
+        label_sum=lambda: jnp.sum(weights * labels),
+        weight_sum=lambda: jnp.sum(weights),
+        # The log loss of the logits, whatever loss the head trains with.
+        cross_entropy=lambda: (
+            losses if loss_fn is None else base.sigmoid_cross_entropy(logits, labels)
+        ),
     )
-    label_sum, weight_sum = jnp.sum(weights * labels), jnp.sum(weights)
-    return {
-        "average_loss": metrics.weighted_mean(losses, weights),
+
+    def statistic(spec: metrics_lib.MetricSpec) -> Any:
+      metric = spec.metric
+      if spec.form == "threshold":
+        return metrics_lib.decision_metric(
+            metric, shared.logistic > spec.arg, labels, weights
+        )
+      if spec.form == "at":  # ece@<bins>
+        return metrics_lib.calibration_error(shared.logistic, labels, weights, bins=spec.arg)
+      if metric == "average_loss":
+        return metrics_lib.weighted_mean(losses, weights)
+      if metric in metrics_lib.DECISION_METRICS:
         # class_ids are 1 exactly when logits > 0 (argmax of [0, logits]).
-        **metrics.binary_decisions(logits > 0, labels, weights),
-        "prediction/mean": metrics.weighted_mean(logistic, weights),
-        "label/mean": metrics.Ratio(label_sum, weight_sum),
-        "accuracy_baseline": metrics.Baseline(label_sum, weight_sum),
-        "auc": auc,
-        "auc_precision_recall": auc_pr,
-        **metrics.at_thresholds(logistic, labels, weights, config.thresholds),
-    }
+        return metrics_lib.decision_metric(metric, logits > 0, labels, weights)
+      if metric == "prediction/mean":
+        return metrics_lib.weighted_mean(shared.logistic, weights)
+      if metric == "label/mean":
+        return metrics_lib.Ratio(shared.label_sum, shared.weight_sum)
+      if metric == "accuracy_baseline":
+        return metrics_lib.Baseline(shared.label_sum, shared.weight_sum)
+      if metric == "auc":
+        return shared.auc[0]
+      if metric == "auc_precision_recall":
+        return shared.auc[1]
+      if metric == "normalized_entropy":
+        return metrics_lib.NormalizedEntropy(
+            jnp.sum(weights * shared.cross_entropy), shared.label_sum, shared.weight_sum
+        )
+      if metric == "calibration":
+        return metrics_lib.Ratio(jnp.sum(weights * shared.logistic), shared.label_sum)
+      raise AssertionError(metric)
+
+    return {spec.key: statistic(spec) for spec in specs}
 
   kernel = base.standard_kernel(
       config,
@@ -138,7 +198,7 @@ def binary_classification_head(
       statistics=statistics,
       predictions=predictions,
       custom_loss_fn=loss_fn,
-      static_options=(num_thresholds, summation_method),
+      static_options=(num_thresholds, summation_method, specs),
   )
   return base.make_head(config, kernel)
 
@@ -155,3 +215,50 @@ def predictions(logits: jax.Array) -> dict[str, jax.Array]:
           jnp.arange(2, dtype=jnp.int32), two_class_logits.shape
       ),
   }
+
+
+PLAIN_METRICS = (
+    "average_loss",
+    "accuracy",
+    "precision",
+    "recall",
+    "prediction/mean",
+    "label/mean",
+    "accuracy_baseline",
+    "auc",
+    "auc_precision_recall",
+    "normalized_entropy",
+    "calibration",
+)
+"""Metric names a binary head takes as they are; also `ece[@<bins>]` and threshold metrics_lib."""
+
+DEFAULT_METRICS = PLAIN_METRICS[:9]
+"""TF's `BinaryClassHead` metrics, before the threshold metrics_lib."""
+
+
+def _choose(where: str, chosen: Any, thresholds: Any) -> tuple[metrics_lib.MetricSpec, ...] | None:
+  if chosen is None:
+    return None
+  metrics_lib.check_exclusive(
+      where, chosen, "thresholds", thresholds, "precision/positive_threshold_0.7"
+  )
+  return metrics_lib.choose_metrics(
+      where,
+      chosen,
+      plain=PLAIN_METRICS,
+      at={"ece": metrics_lib.AtMetric("bins", bare=metrics_lib.DEFAULT_CALIBRATION_BINS)},
+      thresholded=metrics_lib.DECISION_METRICS,
+  )
+
+
+def _default_specs(thresholds: tuple[float, ...]) -> tuple[metrics_lib.MetricSpec, ...]:
+  """TF's keys, in TF's order."""
+  specs = [metrics_lib.MetricSpec(key, key) for key in DEFAULT_METRICS]
+  for threshold in thresholds:
+    for metric in metrics_lib.DECISION_METRICS:
+      specs.append(
+          metrics_lib.MetricSpec(
+              metrics_lib.threshold_key(metric, threshold), metric, "threshold", threshold
+          )
+      )
+  return tuple(specs)

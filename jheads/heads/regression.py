@@ -7,6 +7,7 @@ inverse link (`exp` and `sigmoid`), as in TensorFlow.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -16,7 +17,7 @@ import optax
 
 from jheads import base
 from jheads import checks
-from jheads import metrics
+from jheads import metrics as metrics_lib
 
 REGRESSION = "regression"
 POISSON = "poisson_regression"
@@ -33,6 +34,7 @@ def regression_head(
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
     loss_fn: Callable[..., Any] | None = None,
     inverse_link_fn: Callable[[jax.Array], jax.Array] | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> base.Head:
   """A head for regression with squared error (TF's `RegressionHead`).
 
@@ -40,9 +42,21 @@ def regression_head(
   the last axis when it is 1). Weights are `[D0..DN]`, `[D0..DN, 1]` or per
   logit `[D0..DN, label_dimension]`.
 
-  Metrics: `average_loss`, `prediction/mean`, `label/mean`. Predictions:
-  `predictions` (`inverse_link_fn(logits)`, or the logits), plus `logits`
-  when there is an inverse link.
+  Metrics (the default, TF's): `average_loss`, `prediction/mean`,
+  `label/mean` (weighted means over every element). `metrics=` chooses the
+  keys instead, from those names and, of the predictions against the
+  labels, per label dimension and averaged over the dimensions as
+  scikit-learn's default `multioutput="uniform_average"`:
+
+  * `mae`: weighted mean absolute error;
+  * `rmse`: root of the weighted mean squared error;
+  * `r2`: the coefficient of determination (see `jheads.metrics.RSquared`);
+  * `mape`: weighted mean of `|error| / max(|y|, 2.2e-16)`, a fraction.
+
+  All stream and psum exactly; only the chosen ones are computed.
+
+  Predictions: `predictions` (`inverse_link_fn(logits)`, or the logits),
+  plus `logits` when there is an inverse link.
 
   Args:
     label_dimension: number of regression targets per example, >= 1.
@@ -60,6 +74,7 @@ def regression_head(
     loss_fn: a custom unreduced loss `loss_fn(labels, logits[, features])`
       returning `[D0, ..., DN, label_dimension]`.
     inverse_link_fn: maps logits to predictions, e.g. `jnp.exp`.
+    metrics: the metric keys to report, or None for TF's set.
 
   Returns:
     A `jheads.Head`.
@@ -72,6 +87,10 @@ def regression_head(
     >>> features = {"w": jnp.array([1.0, 0.1, 1.5])}
     >>> round(float(head.loss_fn(logits, labels, features)), 4)
     101.6
+    >>> chosen = jheads.regression_head(weight_column="w", metrics=["mae", "rmse"])
+    >>> values = jheads.metrics.compute(chosen.metric_fn(logits, labels, features))
+    >>> round(float(values["mae"]), 4), round(float(values["rmse"]), 4)  # / 2.6
+    (4.4615, 6.2512)
   """
   if inverse_link_fn is not None and not callable(inverse_link_fn):
     raise TypeError(
@@ -89,6 +108,7 @@ def regression_head(
       custom_loss_fn=loss_fn,
       default_loss=_squared_error,
       inverse_link_fn=inverse_link_fn,
+      metrics=metrics,
       label_rule=base.LabelRule(
           integer=False,
           ok=lambda labels: jnp.isfinite(labels),
@@ -107,6 +127,7 @@ def poisson_regression_head(
     mask_column: str | Callable[[Any], Any] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
     compute_full_loss: bool = True,
+    metrics: Sequence[str] | None = None,
 ) -> base.Head:
   """A head for Poisson regression on counts (TF's `PoissonRegressionHead`).
 
@@ -132,6 +153,8 @@ def poisson_regression_head(
       missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
     compute_full_loss: add the Stirling term (it does not change gradients).
+    metrics: the metric keys to report (as `regression_head`'s, of the
+      predicted rates), or None for TF's set.
 
   Returns:
     A `jheads.Head`.
@@ -169,6 +192,7 @@ def poisson_regression_head(
       custom_loss_fn=None,
       default_loss=poisson_loss,
       inverse_link_fn=jnp.exp,
+      metrics=metrics,
       label_rule=base.LabelRule(
           integer=False,
           ok=lambda labels: (labels >= 0) & jnp.isfinite(labels),
@@ -187,6 +211,7 @@ def logistic_regression_head(
     missing_label: float | int | None = None,
     mask_column: str | Callable[[Any], Any] | None = None,
     loss_reduction: str | base.LossReduction = "sum_over_batch_size",
+    metrics: Sequence[str] | None = None,
 ) -> base.Head:
   """A head regressing a value in [0, 1] with sigmoid cross-entropy (TF's `LogisticRegressionHead`).
 
@@ -204,6 +229,8 @@ def logistic_regression_head(
       boolean `[D0, ..., DN]` mask; rows where it is False are absent, as
       missing labels are. Pads a remainder batch to a fixed size exactly.
     loss_reduction: one of `jheads.LossReduction`.
+    metrics: the metric keys to report (as `regression_head`'s, of the
+      predicted probabilities), or None for TF's set.
 
   Returns:
     A `jheads.Head`.
@@ -227,6 +254,7 @@ def logistic_regression_head(
       custom_loss_fn=None,
       default_loss=lambda batch: base.sigmoid_cross_entropy(batch.logits, batch.labels),
       inverse_link_fn=base.sigmoid,
+      metrics=metrics,
       label_rule=base.LabelRule(
           integer=False,
           ok=lambda labels: (labels >= 0) & (labels <= 1),
@@ -234,6 +262,28 @@ def logistic_regression_head(
           convert=lambda labels, dtype: labels.astype(dtype),
       ),
   )
+
+
+DEFAULT_METRICS = ("average_loss", "prediction/mean", "label/mean")
+"""TF's regression metrics."""
+
+REGRESSION_METRICS = ("mae", "rmse", "r2", "mape")
+"""Metrics on request, of the predictions (`inverse_link_fn(logits)`) against the labels.
+
+Each is computed per label dimension (with that dimension's weights; a
+missing label weighs 0) and averaged over the dimensions that have weight,
+as scikit-learn's default `multioutput="uniform_average"`:
+
+* ``"mae"``: weighted mean absolute error;
+* ``"rmse"``: the square root of the weighted mean squared error;
+* ``"r2"``: the coefficient of determination, `1 - SSE / SST`, from
+  weighted sums of y, y^2 and the squared error (see `metrics.RSquared`);
+* ``"mape"``: weighted mean of `|error| / max(|y|, 2.2e-16)`, a fraction
+  (not percent), as scikit-learn's `mean_absolute_percentage_error`.
+"""
+
+PLAIN_METRICS = DEFAULT_METRICS + REGRESSION_METRICS
+"""Every metric name a regression head takes."""
 
 
 def _squared_error(batch: base.Batch) -> jax.Array:
@@ -262,6 +312,7 @@ def _regression(
     custom_loss_fn: Callable[..., Any] | None,
     default_loss: Callable[[base.Batch], jax.Array],
     inverse_link_fn: Callable[[jax.Array], jax.Array] | None,
+    metrics: Sequence[str] | None,
     label_rule: base.LabelRule,
     static_options: tuple[Any, ...] = (),
     logits_check: Callable[[Any], dict[str, checks.ValueCheck]] | None = None,
@@ -289,14 +340,29 @@ def _regression(
       return {"predictions": logits}
     return {"predictions": inverse_link_fn(logits), "logits": logits}
 
+  if metrics is None:
+    specs = tuple(metrics_lib.MetricSpec(key, key) for key in DEFAULT_METRICS)
+  else:
+    specs = metrics_lib.choose_metrics(where, metrics, plain=PLAIN_METRICS)
+
   def statistics(batch: base.Batch, losses: jax.Array) -> base.Stats:
-    return {
-        "average_loss": metrics.weighted_mean(losses, batch.weights),
-        "prediction/mean": metrics.weighted_mean(
-            predictions(batch.logits)["predictions"], batch.weights
-        ),
-        "label/mean": metrics.weighted_mean(batch.labels, batch.weights),
-    }
+    labels, weights = batch.labels, batch.weights
+    shared = metrics_lib.Lazy(
+        predictions=lambda: predictions(batch.logits)["predictions"]
+    )
+
+    def statistic(spec: metrics_lib.MetricSpec) -> Any:
+      if spec.metric == "average_loss":
+        return metrics_lib.weighted_mean(losses, weights)
+      if spec.metric == "prediction/mean":
+        return metrics_lib.weighted_mean(shared.predictions, weights)
+      if spec.metric == "label/mean":
+        return metrics_lib.weighted_mean(labels, weights)
+      return metrics_lib.regression_statistic(
+          spec.metric, shared.predictions, labels, weights
+      )
+
+    return {spec.key: statistic(spec) for spec in specs}
 
   kernel = base.standard_kernel(
       config,
@@ -308,7 +374,7 @@ def _regression(
       statistics=statistics,
       predictions=predictions,
       custom_loss_fn=custom_loss_fn,
-      static_options=(inverse_link_fn, *static_options),
+      static_options=(inverse_link_fn, specs, *static_options),
       logits_check=logits_check,
   )
   return base.make_head(config, kernel)
