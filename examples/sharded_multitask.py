@@ -65,8 +65,12 @@ def train(batches, put_params, put_batch):
   train_step = jax.jit(jheads.training.make_train_step(HEAD, apply_fn, optimizer))
   params = put_params(init_params(jax.random.key(0)))
   opt_state = put_params(optimizer.init(params))
-  for features, labels in batches:
+  for step, (features, labels) in enumerate(batches):
     params, opt_state, out = train_step(params, opt_state, *put_batch((features, labels)))
+    if step % 16 == 15:
+      # XLA's CPU client can deadlock with ~33 multi-device computations left
+      # unread behind an all-reduce; reading a value now and then bounds them.
+      jax.block_until_ready(out.loss)
   return params, out
 
 

@@ -345,13 +345,32 @@ def _first_failure(error: Any, axis_name: Any) -> Any:
   return jax.tree.unflatten(treedef, shared)
 
 
+def checked_step(
+    step: Callable[..., Any], *, axis_name: Any = None, attach: Callable[[Any, StepErrors], Any]
+) -> Callable[..., Any]:
+  """`step` with its value checks on; `attach(outputs, errors)` makes outputs that raise when read.
+
+  The step builders of `jheads.training` use it: under `jit`, `pmap` or
+  `shard_map` the checks come out of the step as a few scalars beside its
+  outputs (`checkify` outputs, no host callback), and the outputs raise
+  them when read on the host; an un-jitted step raises at once.
+  """
+
+  def run(*args, **kwargs):
+    errors, out = functionalize(step, axis_name=axis_name)(*args, **kwargs)
+    return attach(out, errors)
+
+  return run
+
+
 class CheckedDict(dict):
   """A dict of step outputs (statistics, predictions) that raises failed value checks when read.
 
-  Reading means flattening it as a pytree (`jax.device_get`,
-  `jheads.metrics.merge` and `compute`, `jax.tree.map`, passing it to a
-  jitted function) or iterating its items on the host. Inside a trace it is
-  a plain dict of tracers.
+  Reading means indexing it, iterating its items or values, or passing it
+  to `jheads.metrics.merge` / `compute` or `jheads.decode_predictions`.
+  Inside a trace it is a plain dict of tracers. As a pytree it carries the
+  errors as extra leaves (flattening never raises: jax flattens step
+  outputs inside its own dispatch).
   """
 
   def __init__(self, values: Mapping[Any, Any], errors: StepErrors | None = None):
@@ -377,20 +396,13 @@ class CheckedDict(dict):
 
 
 def _flatten_checked_dict(d: CheckedDict):
+  # Never raise, never read values here: jax flattens step outputs inside its dispatch.
   keys = tuple(sorted(dict.keys(d)))
-  values = [dict.__getitem__(d, k) for k in keys]
-  if d.errors is None or not is_concrete(d.errors):
-    return values + [d.errors], (keys, True)
-  # Read on the host: raise, or drop the errors, which then carry nothing.
-  d.check()
-  return values, (keys, False)
+  return [dict.__getitem__(d, k) for k in keys] + [d.errors], keys
 
 
-def _unflatten_checked_dict(aux, children):
-  keys, with_errors = aux
-  if with_errors:
-    return CheckedDict(dict(zip(keys, children[:-1])), children[-1])
-  return CheckedDict(dict(zip(keys, children)))
+def _unflatten_checked_dict(keys, children):
+  return CheckedDict(dict(zip(keys, children[:-1])), children[-1])
 
 
 jax.tree_util.register_pytree_node(CheckedDict, _flatten_checked_dict, _unflatten_checked_dict)

@@ -227,6 +227,8 @@ def _checked(stats: Any) -> Any:
   if isinstance(stats, checks.CheckedDict):
     stats.check()
     return dict(stats)
+  if getattr(stats, "errors", None) is not None and hasattr(stats, "with_errors"):
+    return stats.check().with_errors(None)
   return stats
 
 

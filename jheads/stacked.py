@@ -106,9 +106,13 @@ class GroupedStats(Mapping):
       groups: Sequence[Group],
       extras: Mapping[str, Any] | None = None,
       order: Sequence[str] | None = None,
+      errors: Any = None,
   ):
     self.groups = tuple(groups)
     self.extras = dict(extras or {})
+    # The value checks of the step that made them (`jheads.checks.StepErrors`),
+    # raised when the statistics are read on the host.
+    self.errors = errors
     self.order = tuple(order) if order is not None else tuple(
         name for g in self.groups for name in g.names
     )
@@ -133,7 +137,14 @@ class GroupedStats(Mapping):
       self._lookup = lookup
     return self._lookup
 
+  def check(self) -> "GroupedStats":
+    """Raises the failed value checks of the step that made these statistics, if any."""
+    if self.errors is not None:
+      self.errors.raise_if_failed()
+    return self
+
   def __getitem__(self, key: str) -> Any:
+    self.check()
     place = self._keys()[key]
     if place is None:
       return self.extras[key]
@@ -148,10 +159,15 @@ class GroupedStats(Mapping):
 
   def with_extras(self, **extras: Any) -> "GroupedStats":
     """The same statistics plus statistics that belong to no head."""
-    return GroupedStats(self.groups, {**self.extras, **extras}, self.order)
+    return GroupedStats(self.groups, {**self.extras, **extras}, self.order, self.errors)
+
+  def with_errors(self, errors: Any) -> "GroupedStats":
+    """The same statistics, carrying a step's value checks."""
+    return GroupedStats(self.groups, self.extras, self.order, errors)
 
   def results(self) -> dict[str, Any]:
     """Every metric value, keyed as the flat dict: one vectorized `result()` per statistic and group."""
+    self.check()
     values: dict[str, Any] = {}
     per_group = [
         {key: np.asarray(stat.result()) if _on_host(stat) else stat.result() for key, stat in group.stats.items()}
@@ -173,15 +189,28 @@ def _on_host(stat: Any) -> bool:
   return all(isinstance(x, np.ndarray) for x in jax.tree.leaves(stat))
 
 
+def _flatten_grouped(s: GroupedStats):
+  return (*s.groups, s.extras, s.errors), (len(s.groups), s.order)
+
+
+def _unflatten_grouped(aux, children):
+  n, order = aux
+  return GroupedStats(children[:n], children[n], order, children[n + 1])
+
+
 jax.tree_util.register_pytree_with_keys(
     GroupedStats,
     lambda s: (
-        (
-            *((jax.tree_util.SequenceKey(i), g) for i, g in enumerate(s.groups)),
-            (jax.tree_util.GetAttrKey("extras"), s.extras),
+        tuple(
+            (key, child)
+            for key, child in zip(
+                (*(jax.tree_util.SequenceKey(i) for i in range(len(s.groups))),
+                 jax.tree_util.GetAttrKey("extras"), jax.tree_util.GetAttrKey("errors")),
+                _flatten_grouped(s)[0],
+            )
         ),
-        (len(s.groups), s.order),
+        _flatten_grouped(s)[1],
     ),
-    lambda aux, children: GroupedStats(children[: aux[0]], children[aux[0]], aux[1]),
-    flatten_func=lambda s: ((*s.groups, s.extras), (len(s.groups), s.order)),
+    _unflatten_grouped,
+    flatten_func=_flatten_grouped,
 )
