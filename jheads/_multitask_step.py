@@ -47,8 +47,8 @@ import numpy as np
 import optax
 from jax.extend import core as jex_core
 
-from jheads import base
 from jheads import combinator
+from jheads import stacked
 
 HIGHEST = jax.lax.Precision.HIGHEST
 JACOBIAN_MODES = ("layers", "vmap")
@@ -518,6 +518,8 @@ def _loss_vector_fn(head, names):
       _, head_losses = head.losses_fn(
           logits, labels, features, head_weights=head_weights, axis_name=axis_name
       )
+      if isinstance(head_losses, stacked.HeadValues):
+        return head_losses.stacked
       return jnp.stack([head_losses[name] for name in names])
 
   else:
@@ -568,6 +570,89 @@ class Fields(NamedTuple):
   head_weights: jax.Array | None
 
 
+class _Weighed(NamedTuple):
+  """The loss level of a step, from the whole batch's per-head losses."""
+
+  hw: jax.Array  # the head weights: the argument, or the multi_head's
+  scaled: jax.Array  # hw * losses, what the weighting sees
+  objective: jax.Array  # S(scaled)
+  applied: jax.Array  # hw * dS/dscaled: each head's loss gradient's weight
+
+
+def _weigh(head, weighting, losses, head_weights, weighting_state, dtype) -> _Weighed:
+  hw = _head_weights_vector(head, head_weights, losses.dtype)
+  scaled = _scaled(hw, losses)
+  objective, d_objective = _objective(weighting, scaled, weighting_state)
+  return _Weighed(hw, scaled, objective, (hw * d_objective).astype(dtype))
+
+
+def _scaled(hw, losses):
+  # A head weighted 0 adds nothing, even when its loss is infinite (0 * inf).
+  return jnp.where(hw == 0, jnp.zeros_like(losses), hw * losses)
+
+
+def _aggregate(aggregator, rows, aggregator_state, losses, applied, gramian_fn=gramian):
+  """`(combined rows, aggregator state, head weights reported)`."""
+  if aggregator.weights is not None:
+    weights, aggregator_state = aggregator.weights(
+        gramian_fn(rows), aggregator_state, losses=losses
+    )
+    return combine(weights, rows), aggregator_state, applied * weights.astype(applied.dtype)
+  # The rows as a list of leaves: aggregators work leaf by leaf.
+  combined, aggregator_state = aggregator.update(list(rows), aggregator_state, losses=losses)
+  return list(combined), aggregator_state, None
+
+
+def _finish(
+    head, names, optimizer, regularization_fn, with_metrics, axis_name, weighting,
+    params, grads, opt_state, weighting_state, aggregator_state, weighed: _Weighed,
+    losses, reported, logits, labels, features, losses_after_fn,
+) -> Fields:
+  """Regularization, the optimizer update, the weighting's update and the report."""
+  regularization = None
+  total = weighed.objective
+  if regularization_fn is not None:
+    # Added once, never aggregated; the parameters are replicated, so its
+    # gradient needs no psum.
+    regularization, reg_grads = jax.value_and_grad(regularization_fn)(params)
+    grads = jax.tree.map(jnp.add, grads, reg_grads)
+    total = total + regularization
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if weighting is not None:
+    losses_after = None
+    if weighting.needs_losses_after:
+      after = _psum(losses_after_fn(per_shard(new_params, axis_name)), axis_name)
+      losses_after = jax.lax.stop_gradient(_scaled(weighed.hw, after))
+    weighting_state = weighting.update(
+        jax.lax.stop_gradient(weighed.scaled), weighting_state, losses_after=losses_after
+    )
+  stats = None
+  if with_metrics:
+    stats = _psum(
+        head.metric_fn(jax.lax.stop_gradient(logits), labels, features, axis_name=axis_name),
+        axis_name,
+    )
+  return Fields(
+      params=new_params,
+      opt_state=opt_state,
+      weighting_state=weighting_state,
+      aggregator_state=aggregator_state,
+      loss=total,
+      head_losses=_named(head, names, losses),
+      regularization_loss=regularization,
+      metrics=stats,
+      head_weights=reported,
+  )
+
+
+def _named(head, names, losses):
+  """The losses keyed by head name, as the plain step reports them."""
+  if isinstance(head, combinator.MultiHead):
+    return stacked.HeadValues(names, losses)
+  return {} if head.name is None else {head.name: losses[0]}
+
+
 def make_step(
     head,
     apply_fn,
@@ -601,75 +686,24 @@ def make_step(
       logits = apply_fn(parts.merge(shared_leaves, other_leaves), features)
       return losses_of(logits, labels, features, head_weights, axis_name), logits
 
-    shared_leaves, other_leaves = parts.split(per_shard(params, axis_name))
-    lin = linearize(fn, shared_leaves, other_leaves, mode=jacobian, axis_name=axis_name)
+    lin = linearize(fn, *parts.split(per_shard(params, axis_name)), mode=jacobian, axis_name=axis_name)
     losses = _psum(lin.losses, axis_name)
-    hw = _head_weights_vector(head, head_weights, losses.dtype)
-    scaled = hw * losses
-    objective, d_objective = _objective(weighting, scaled, weighting_state)
-    applied = (hw * d_objective).astype(lin.losses.dtype)
-    other_grads = _psum(lin.other(per_shard(applied, axis_name)), axis_name)
-    reported = applied
-    if aggregator is None:
-      grads = parts.merge([], other_grads)
-    else:
-      rows = _psum(lin.jacobian(per_shard(jnp.diag(applied), axis_name)), axis_name)
-      if aggregator.weights is not None:
-        weights, aggregator_state = aggregator.weights(
-            gramian(rows), aggregator_state, losses=losses
-        )
-        shared_grads = combine(weights, rows)
-        reported = applied * weights.astype(applied.dtype)
-      else:
-        # The shared leaves' rows, as a list: aggregators work leaf by leaf.
-        shared_grads, aggregator_state = aggregator.update(
-            list(rows), aggregator_state, losses=losses
-        )
-        reported = None
-      grads = parts.merge(shared_grads, other_grads)
-    regularization = None
-    total = objective
-    if regularization_fn is not None:
-      regularization, reg_grads = jax.value_and_grad(regularization_fn)(params)
-      grads = jax.tree.map(jnp.add, grads, reg_grads)
-      total = total + regularization
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if weighting is not None:
-      losses_after = None
-      if weighting.needs_losses_after:
-        after_shared, after_other = parts.split(per_shard(new_params, axis_name))
-        after = _psum(fn(after_shared, after_other)[0], axis_name)
-        losses_after = jax.lax.stop_gradient(hw * after)
-      weighting_state = weighting.update(
-          jax.lax.stop_gradient(scaled), weighting_state, losses_after=losses_after
+    weighed = _weigh(head, weighting, losses, head_weights, weighting_state, lin.losses.dtype)
+    other_grads = _psum(lin.other(per_shard(weighed.applied, axis_name)), axis_name)
+    shared_grads, reported = [], weighed.applied
+    if aggregator is not None:
+      rows = _psum(lin.jacobian(per_shard(jnp.diag(weighed.applied), axis_name)), axis_name)
+      shared_grads, aggregator_state, reported = _aggregate(
+          aggregator, rows, aggregator_state, losses, weighed.applied
       )
-    stats = None
-    if with_metrics:
-      stats = _psum(
-          head.metric_fn(jax.lax.stop_gradient(lin.aux), labels, features, axis_name=axis_name),
-          axis_name,
-      )
-    return Fields(
-        params=new_params,
-        opt_state=opt_state,
-        weighting_state=weighting_state,
-        aggregator_state=aggregator_state,
-        loss=total,
-        head_losses=_named(head, names, losses),
-        regularization_loss=regularization,
-        metrics=stats,
-        head_weights=reported,
+    return _finish(
+        head, names, optimizer, regularization_fn, with_metrics, axis_name, weighting,
+        params, parts.merge(shared_grads, other_grads), opt_state, weighting_state,
+        aggregator_state, weighed, losses, reported, lin.aux, labels, features,
+        lambda new_params: fn(*parts.split(new_params))[0],
     )
 
   return step
-
-
-def _named(head, names, losses):
-  if not isinstance(head, combinator.MultiHead) and head.name is None:
-    return {}
-  return {name: losses[i] for i, name in enumerate(names)}
-
 
 
 def make_representation_step(
@@ -705,60 +739,24 @@ def make_representation_step(
 
     shares, heads_vjp, logits = jax.vjp(fn, local, representation, has_aux=True)
     losses = _psum(shares, axis_name)
-    hw = _head_weights_vector(head, head_weights, losses.dtype)
-    scaled = hw * losses
-    objective, d_objective = _objective(weighting, scaled, weighting_state)
-    applied = (hw * d_objective).astype(shares.dtype)
-    head_grads = heads_vjp(per_shard(applied, axis_name))[0]
-    rows_tree = jax.vmap(lambda c: heads_vjp(c)[1])(per_shard(jnp.diag(applied), axis_name))
+    weighed = _weigh(head, weighting, losses, head_weights, weighting_state, shares.dtype)
+    head_grads = heads_vjp(per_shard(weighed.applied, axis_name))[0]
+    rows_tree = jax.vmap(lambda c: heads_vjp(c)[1])(per_shard(jnp.diag(weighed.applied), axis_name))
     rows, rep_def = jax.tree.flatten(rows_tree)
-    if aggregator.weights is not None:
-      # The representation is split over the devices by example, so its
-      # Jacobian's columns are too: the global Gramian is the sum of the
-      # shards' Gramians, with no cross terms to lose.
-      weights, aggregator_state = aggregator.weights(
-          _psum(gramian(rows), axis_name), aggregator_state, losses=losses
-      )
-      d_rep = combine(weights, rows)
-      reported = applied * weights.astype(applied.dtype)
-    else:
-      d_rep, aggregator_state = aggregator.update(list(rows), aggregator_state, losses=losses)
-      reported = None
-    (trunk_grads,) = trunk_vjp(jax.tree.unflatten(rep_def, list(d_rep)))
+    # The representation is split over the devices by example, so its
+    # Jacobian's columns are too: the global Gramian is the sum of the
+    # shards' Gramians, with no cross terms to lose.
+    d_rep, aggregator_state, reported = _aggregate(
+        aggregator, rows, aggregator_state, losses, weighed.applied,
+        gramian_fn=lambda r: _psum(gramian(r), axis_name),
+    )
+    (trunk_grads,) = trunk_vjp(jax.tree.unflatten(rep_def, d_rep))
     grads = _psum(jax.tree.map(jnp.add, trunk_grads, head_grads), axis_name)
-    regularization = None
-    total = objective
-    if regularization_fn is not None:
-      regularization, reg_grads = jax.value_and_grad(regularization_fn)(params)
-      grads = jax.tree.map(jnp.add, grads, reg_grads)
-      total = total + regularization
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if weighting is not None:
-      losses_after = None
-      if weighting.needs_losses_after:
-        after_local = per_shard(new_params, axis_name)
-        after = _psum(fn(after_local, trunk_fn(after_local, features))[0], axis_name)
-        losses_after = jax.lax.stop_gradient(hw * after)
-      weighting_state = weighting.update(
-          jax.lax.stop_gradient(scaled), weighting_state, losses_after=losses_after
-      )
-    stats = None
-    if with_metrics:
-      stats = _psum(
-          head.metric_fn(jax.lax.stop_gradient(logits), labels, features, axis_name=axis_name),
-          axis_name,
-      )
-    return Fields(
-        params=new_params,
-        opt_state=opt_state,
-        weighting_state=weighting_state,
-        aggregator_state=aggregator_state,
-        loss=total,
-        head_losses=_named(head, names, losses),
-        regularization_loss=regularization,
-        metrics=stats,
-        head_weights=reported,
+    return _finish(
+        head, names, optimizer, regularization_fn, with_metrics, axis_name, weighting,
+        params, grads, opt_state, weighting_state, aggregator_state, weighed, losses,
+        reported, logits, labels, features,
+        lambda new_params: fn(new_params, trunk_fn(new_params, features))[0],
     )
 
   return step

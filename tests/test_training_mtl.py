@@ -1,8 +1,6 @@
 """Tests of the multi-task train steps: loss weighting and gradient aggregation."""
 
 import contextlib
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,11 +79,17 @@ def make_batch(rng, n=BATCH):
   return features, labels
 
 
+def _numeric(x):
+  if jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x, np.float64)
+
+
 def max_abs_diff(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   return max(
       (
-          float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+          float(np.max(np.abs(_numeric(x) - _numeric(y)), initial=0.0))
           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
       ),
       default=0.0,
@@ -99,84 +103,6 @@ def loss_vector(params, features, labels, head_weights=None):
 
 
 DEFAULT_WEIGHTS = np.asarray(HEAD.head_weights, np.float32)
-
-
-# ----------------------------------------------------------------------------
-# Aggregators: the real ones, with small stand-ins for any not yet in
-# jheads.aggregation (same protocol).
-
-
-class _Aggregator(NamedTuple):
-  init: object
-  update: object
-  weights: object
-
-
-def _gramian_aggregator(weights_fn, init=lambda n: jnp.zeros((), jnp.int32)):
-  def update(jac, state, *, losses=None):
-    w, state = weights_fn(aggregation.gramian(jac), state, losses=losses)
-    return aggregation.combine(w, jac), state
-
-  return _Aggregator(init, update, weights_fn)
-
-
-def _frank_wolfe_mgda():
-  def weights(g, state, *, losses=None):
-    t = g.shape[0]
-
-    def body(_, w):
-      e = jax.nn.one_hot(jnp.argmin(g @ w), t, dtype=g.dtype)
-      a, b, c = w @ g @ w, e @ g @ w, e @ g @ e
-      gamma = jnp.clip((a - b) / jnp.maximum(a - 2 * b + c, 1e-12), 0.0, 1.0)
-      return (1 - gamma) * w + gamma * e
-
-    return jax.lax.fori_loop(0, 200, body, jnp.full(t, 1.0 / t, g.dtype)), state + 1
-
-  return _gramian_aggregator(weights)
-
-
-def _newton_nash(max_norm=1.0):
-  def weights(g, state, *, losses=None):
-    t = g.shape[0]
-    g = g / jnp.maximum(jnp.trace(g), 1e-12) * t
-
-    def body(_, a):
-      grad = g @ a - 1.0 / a
-      step = jnp.linalg.solve(g + jnp.diag(1.0 / a**2), grad)
-      scale = jnp.minimum(1.0, 0.5 * jnp.min(jnp.where(step > 0, a / step, jnp.inf)))
-      return a - scale * step
-
-    a = jax.lax.fori_loop(0, 30, body, jnp.ones(t, g.dtype))
-    norm = jnp.sqrt(a @ g @ a)
-    return a * jnp.minimum(1.0, max_norm / norm), state + 1
-
-  return _gramian_aggregator(weights)
-
-
-def _sign_agreement():
-  """A Jacobian-level aggregator with no Gramian form (GradDrop's kind)."""
-
-  def update(jac, state, *, losses=None):
-    def one(leaf):
-      total = leaf.sum(0)
-      agree = jnp.all(jnp.sign(leaf) == jnp.sign(total), axis=0)
-      return jnp.where(agree, total, 0.5 * total)
-
-    return jax.tree.map(one, jac), state + 1
-
-  return _Aggregator(lambda n: jnp.zeros((), jnp.int32), update, None)
-
-
-def upgrad():
-  return aggregation.upgrad()
-
-
-def mgda():
-  return aggregation.mgda() if hasattr(aggregation, "mgda") else _frank_wolfe_mgda()
-
-
-def nash_mtl():
-  return aggregation.nash_mtl() if hasattr(aggregation, "nash_mtl") else _newton_nash()
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +250,7 @@ def test_head_weights_argument_scales_the_losses_before_the_weighting(batches):
 def test_aggregator_and_weighting_compose(batches, jacobian):
   """UW + UPGrad: the rows are the uncertainty-weighted heads' gradients."""
   tx = optax.sgd(0.1)
-  uw, agg = weighting.uncertainty(init_log_var=0.3), upgrad()
+  uw, agg = weighting.uncertainty(init_log_var=0.3), aggregation.upgrad()
   params = init_params(jax.random.key(4))
   state = training.init_train_state(HEAD, tx, params, weighting=uw, aggregator=agg)
   step = jax.jit(
@@ -359,14 +285,14 @@ def test_shared_masks_prefix_callable_and_full_tree_agree(batches):
   full["heads"] = jax.tree.map(lambda _: False, params["heads"])
   results = []
   for shared in (TRUNK_ONLY, lambda p: {"trunk": True, "heads": False}, full):
-    state = training.init_train_state(HEAD, tx, params, aggregator=upgrad())
-    step = jax.jit(training.make_train_step(HEAD, apply_fn, tx, aggregator=upgrad(), shared=shared))
+    state = training.init_train_state(HEAD, tx, params, aggregator=aggregation.upgrad())
+    step = jax.jit(training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), shared=shared))
     results.append(step(params, state, features, labels)[0])
   assert max_abs_diff(results[0], results[1]) == 0.0
   assert max_abs_diff(results[0], results[2]) == 0.0
   # Everything shared: the heads' rows enter the Gramian, a different update.
-  state = training.init_train_state(HEAD, tx, params, aggregator=upgrad())
-  step = jax.jit(training.make_train_step(HEAD, apply_fn, tx, aggregator=upgrad()))
+  state = training.init_train_state(HEAD, tx, params, aggregator=aggregation.upgrad())
+  step = jax.jit(training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad()))
   all_shared = step(params, state, features, labels)[0]
   assert max_abs_diff(all_shared, results[0]) > 1e-4
   # The unshared heads got the plain gradient of the sum.
@@ -377,18 +303,22 @@ def test_shared_masks_prefix_callable_and_full_tree_agree(batches):
 
 def test_aggregator_without_gramian_weights(batches):
   tx = optax.sgd(0.1)
-  agg = _sign_agreement()
+  agg = aggregation.graddrop(key=jax.random.key(0))
   params = init_params(jax.random.key(6))
   features, labels = batches[0]
   state = training.init_train_state(HEAD, tx, params, aggregator=agg)
   step = jax.jit(training.make_train_step(HEAD, apply_fn, tx, aggregator=agg, shared=TRUNK_ONLY))
   new_params, new_state, out = step(params, state, features, labels)
   assert out.head_weights is None
-  assert int(new_state.aggregator_state) == 1
   jac = jax.jacrev(lambda p: DEFAULT_WEIGHTS * loss_vector(p, features, labels))(params)
-  trunk, _ = agg.update(jac["trunk"], state.aggregator_state)
-  expected = jax.tree.map(lambda p, g: p - 0.1 * g, params["trunk"], trunk)
+  # The step hands the aggregator the shared leaves' rows in the parameters' order.
+  trunk, expected_state = agg.update(jax.tree.leaves(jac["trunk"]), state.aggregator_state)
+  expected = jax.tree.map(
+      lambda p, g: p - 0.1 * g, params["trunk"],
+      jax.tree.unflatten(jax.tree.structure(params["trunk"]), trunk),
+  )
   assert max_abs_diff(new_params["trunk"], expected) < 1e-6
+  assert max_abs_diff(new_state.aggregator_state, expected_state) == 0.0
 
 
 def test_famo_sees_the_batch_again_under_the_new_parameters(batches):
@@ -402,10 +332,10 @@ def test_famo_sees_the_batch_again_under_the_new_parameters(batches):
     calls.append(1)
     return apply_fn(params, features)
 
-  state = training.init_train_state(HEAD, tx, params, weighting=famo, aggregator=upgrad())
+  state = training.init_train_state(HEAD, tx, params, weighting=famo, aggregator=aggregation.upgrad())
   step = jax.jit(
       training.make_train_step(
-          HEAD, counting_apply_fn, tx, weighting=famo, aggregator=upgrad(), shared=TRUNK_ONLY
+          HEAD, counting_apply_fn, tx, weighting=famo, aggregator=aggregation.upgrad(), shared=TRUNK_ONLY
       )
   )
   new_params, new_state, _ = step(params, state, features, labels)
@@ -417,8 +347,8 @@ def test_famo_sees_the_batch_again_under_the_new_parameters(batches):
   # Without FAMO, one forward pass.
   calls.clear()
   uw = weighting.uncertainty()
-  jax.jit(training.make_train_step(HEAD, counting_apply_fn, tx, weighting=uw, aggregator=upgrad()))(
-      params, training.init_train_state(HEAD, tx, params, weighting=uw, aggregator=upgrad()),
+  jax.jit(training.make_train_step(HEAD, counting_apply_fn, tx, weighting=uw, aggregator=aggregation.upgrad()))(
+      params, training.init_train_state(HEAD, tx, params, weighting=uw, aggregator=aggregation.upgrad()),
       features, labels,
   )
   assert len(calls) == 1
@@ -436,9 +366,9 @@ def test_single_head_takes_a_weighting_but_not_an_aggregator():
   np.testing.assert_allclose(out.head_losses["y"], 4.0)
   np.testing.assert_allclose(out.head_weights, [0.5])
   with pytest.raises(ValueError, match="single head"):
-    training.make_train_step(head, fn, tx, aggregator=upgrad())
+    training.make_train_step(head, fn, tx, aggregator=aggregation.upgrad())
   with pytest.raises(ValueError, match="single head"):
-    training.init_train_state(head, tx, params, aggregator=upgrad())
+    training.init_train_state(head, tx, params, aggregator=aggregation.upgrad())
 
 
 def test_configuration_errors(batches):
@@ -448,21 +378,21 @@ def test_configuration_errors(batches):
   with pytest.raises(ValueError, match="shared .* needs an aggregator"):
     training.make_train_step(HEAD, apply_fn, tx, shared=TRUNK_ONLY)
   with pytest.raises(ValueError, match="jacobian must be one of"):
-    training.make_train_step(HEAD, apply_fn, tx, aggregator=upgrad(), jacobian="full")
+    training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), jacobian="full")
   with pytest.raises(ValueError, match="LossWeighting"):
     training.make_train_step(HEAD, apply_fn, tx, weighting=weighting.uncertainty)
   with pytest.raises(ValueError, match="Aggregator"):
     training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad)
-  state = training.init_train_state(HEAD, tx, params, aggregator=upgrad())
+  state = training.init_train_state(HEAD, tx, params, aggregator=aggregation.upgrad())
   for shared, match in [
       ({"trunk": 1, "heads": False}, "Python bools"),
       ({"trunk": True}, "prefix"),
       ({"trunk": False, "heads": False}, "selects no parameter"),
   ]:
-    step = training.make_train_step(HEAD, apply_fn, tx, aggregator=upgrad(), shared=shared)
+    step = training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), shared=shared)
     with pytest.raises(ValueError, match=match):
       step(params, state, features, labels)
-  step = training.make_train_step(HEAD, apply_fn, tx, aggregator=upgrad())
+  step = training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad())
   with pytest.raises(ValueError, match="TrainState"):
     step(params, tx.init(params), features, labels)
   with pytest.raises(ValueError, match="needs an aggregator"):
@@ -471,7 +401,7 @@ def test_configuration_errors(batches):
 
 def test_step_vmaps_over_an_ensemble(batches):
   tx = optax.adam(1e-2)
-  agg = upgrad()
+  agg = aggregation.upgrad()
   step = training.make_train_step(HEAD, apply_fn, tx, aggregator=agg, shared=TRUNK_ONLY)
   members = [init_params(jax.random.key(k)) for k in (10, 11)]
   states = [training.init_train_state(HEAD, tx, p, aggregator=agg) for p in members]
@@ -492,7 +422,7 @@ def test_step_vmaps_over_an_ensemble(batches):
 
 def test_representation_step_aggregates_at_the_trunk_output(batches):
   tx = optax.sgd(0.1)
-  agg = mgda()
+  agg = aggregation.mgda()
   params = init_params(jax.random.key(12))
   features, labels = batches[2]
   state = training.init_train_state(HEAD, tx, params, aggregator=agg)
@@ -529,9 +459,9 @@ needs_eight_devices = pytest.mark.skipif(
     reason="needs 8 devices (conftest.py sets --xla_force_host_platform_device_count=8)",
 )
 CONFIGS = {
-    "upgrad": lambda: dict(aggregator=upgrad()),
-    "mgda": lambda: dict(aggregator=mgda()),
-    "nash+uncertainty": lambda: dict(aggregator=nash_mtl(), weighting=weighting.uncertainty()),
+    "upgrad": lambda: dict(aggregator=aggregation.upgrad()),
+    "mgda": lambda: dict(aggregator=aggregation.mgda()),
+    "nash+uncertainty": lambda: dict(aggregator=aggregation.nash_mtl(), weighting=weighting.uncertainty()),
     "famo": lambda: dict(weighting=weighting.famo()),
 }
 DEVICE_MODES = ("explicit_mesh", "shard_map", "pmap")
@@ -641,7 +571,7 @@ def test_representation_step_on_eight_devices_equals_one(mode, device_batches, o
 def test_shard_map_psums_the_jacobian_not_gramians(device_batches):
   """Per-device Gramians summed would give other weights: check the step does not."""
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Explicit,))
-  agg = upgrad()
+  agg = aggregation.upgrad()
   step = jax.shard_map(
       training.make_train_step(HEAD, apply_fn, TX, aggregator=agg, shared=TRUNK_ONLY, axis_name="batch"),
       mesh=mesh,
