@@ -198,7 +198,12 @@ def should_check(*operands: Any) -> bool:
 
 def enforce(where: str, results: Mapping[str, ValueCheck]) -> None:
   """Enforces one head's computed value checks: `"<where>: <problem>"` for the first that fails."""
-  enforce_all([where], jax.tree.map(lambda x: jnp.asarray(x)[None], dict(results)))
+  # Problem by problem: a tree map over the dict would sort its keys, and the
+  # first problem in the head's own order is the one to report.
+  enforce_all(
+      [where],
+      {problem: jax.tree.map(lambda x: jnp.asarray(x)[None], check) for problem, check in results.items()},
+  )
 
 
 def enforce_all(descriptions: Sequence[str], results: Mapping[str, ValueCheck]) -> None:

@@ -236,15 +236,25 @@ def multi_head(
         for i in indices:
           base.check_inputs(kernel, heads[i].config.description, *inputs.per_head[i])
         continue
+      # Pytree maps sort dict keys; the head's own order of problems is kept aside.
+      order = []
+
+      def value_checks(*raw, kernel=kernel, order=order):
+        results = kernel.value_checks(*raw)
+        order[:] = list(results)
+        return results
+
       if len(indices) == 1:
-        results = jax.tree.map(lambda x: x[None], kernel.value_checks(*inputs.per_head[indices[0]]))
+        results = jax.tree.map(lambda x: x[None], value_checks(*inputs.per_head[indices[0]]))
       else:
         labels = _stack([inputs.per_head[i][1] for i in indices])
         weights, weights_axis = _stack_or_share([inputs.per_head[i][2] for i in indices])
-        results = jax.vmap(kernel.value_checks, in_axes=(0, 0, weights_axis))(
+        results = jax.vmap(value_checks, in_axes=(0, 0, weights_axis))(
             inputs.group_logits(indices), labels, weights
         )
-      checks.enforce_all([heads[i].config.description for i in indices], results)
+      checks.enforce_all(
+          [heads[i].config.description for i in indices], {p: results[p] for p in order}
+      )
 
   def enforce_finite(what: str, indices: Any, ok: Any) -> None:
     """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
