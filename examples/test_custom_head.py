@@ -4,9 +4,9 @@ The head here is a quantile (pinball loss) regression head, a kind jheads
 does not ship: logits are one prediction per quantile, `[B, Q]`, labels one
 target per row, `[B]`, and the metrics are the average loss and, per
 quantile, the share of targets at or below the prediction (its coverage).
-It is built on `jheads.base.standard_kernel`, the scaffold of every built-in
-head, so it gets weights, the four loss reductions, masks, missing labels,
-value checks and grouping in `multi_head` without code of its own.
+It is defined with `jheads.define_head`, so it gets weights, the four loss
+reductions, masks, missing labels, value checks and grouping in
+`multi_head` without code of its own.
 
 `jheads.testing` checks what every head owes its users: the same numbers
 eagerly, under jit and under vmap; metrics that stream over batches; the
@@ -24,21 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jheads
-from jheads import base, metrics, testing
+from jheads import metrics, testing
 
 
-def quantile_head(quantiles=(0.1, 0.5, 0.9), *, name=None, weight_column=None,
-                  missing_label=None, mask_column=None, loss_reduction="sum_over_batch_size"):
-  """A quantile regression head: pinball loss, one logit per quantile."""
-  quantiles = tuple(float(q) for q in quantiles)
-  config = base.HeadConfig(
-      kind="quantile_regression", name=name, logits_dim=len(quantiles),
-      loss_reduction=base.loss_reduction_from(loss_reduction, f"head {name!r}"),
-      weight_column=weight_column, mask_column=mask_column, missing_label=missing_label)
+def quantile_head(quantiles=(0.1, 0.5, 0.9), **options):
+  """Quantile regression: the pinball loss at each quantile, one logit each."""
 
-  def pinball(batch):  # labels [B, 1], logits [B, Q] -> [B, Q]
-    error = batch.labels - batch.logits
-    q = jnp.asarray(quantiles, error.dtype)
+  def loss(logits, labels):  # logits [B, k], labels [B, 1] -> [B, k]
+    q, error = jnp.asarray(quantiles), labels - logits
     return jnp.maximum(q * error, (q - 1.0) * error)
 
   def statistics(batch, losses):
@@ -48,13 +41,10 @@ def quantile_head(quantiles=(0.1, 0.5, 0.9), *, name=None, weight_column=None,
       stats[f"coverage@{q:g}"] = metrics.weighted_mean(covered[..., i], batch.weights[..., i])
     return stats
 
-  kernel = base.standard_kernel(
-      config, label_dim=1, loss_dim=len(quantiles), per_logit_weights=False,
-      label_rule=base.LabelRule(integer=False, ok=jnp.isfinite, message="finite numbers",
-                                convert=lambda labels, dtype: labels.astype(dtype)),
-      unreduced_loss=pinball, statistics=statistics,
-      predictions=lambda logits: {"quantiles": logits}, static_options=quantiles)
-  return base.make_head(config, kernel)
+  return jheads.define_head(
+      "quantile_regression", logits_dim=len(quantiles), loss_dim=len(quantiles), loss=loss,
+      statistics=statistics, predictions=lambda logits: {"quantiles": logits},
+      options=tuple(quantiles), **options)
 
 
 def draw(rng, batch_shape):

@@ -593,7 +593,7 @@ def assert_sharded_equals_one_device(
     )
   if len(devices) < 2:
     raise unittest.SkipTest(
-        f"{_prefix(head, SHARDED)}: needs at least 2 devices, found {len(devices)}"
+        f"{_describe(head)}: {SHARDED!r} skipped: needs at least 2 devices, found {len(devices)}"
         f" ({', '.join(str(d) for d in devices) or 'none'}). On a CPU, set"
         " XLA_FLAGS=--xla_force_host_platform_device_count=8 (or call"
         " chex.set_n_cpu_devices(8)) before jax starts."
@@ -893,8 +893,8 @@ def _evaluate(head, logits, labels, features, *, axis_name=None, predictions=Tru
 
   (loss, head_losses), gradient = jax.value_and_grad(objective, has_aux=True)(logits)
   out = {"loss": loss}
-  if multi:
-    out["head_losses"] = head_losses
+  if multi:  # By name: a grouped and a per-head multi_head may stack them in other orders.
+    out["head_losses"] = {name: head_losses[name] for name in head_losses}
   out["stats"] = head.metric_fn(logits, labels, features, axis_name=axis_name)
   if predictions:
     out["predictions"] = head.predict_fn(logits)
@@ -1061,10 +1061,17 @@ def _fill(x, rows, value):
 # Comparison.
 
 
+_ORDER = ("loss", "head_losses", "metrics", "predictions", "gradient")
+
+
 def _flatten(out):
-  """`{"metrics['auc']": array, ...}`, in the order of `out`'s top-level keys."""
+  """`{"metrics['auc']": array, ...}`: the loss first, the gradient last.
+
+  Output dicts come back from jit with sorted keys, so the order is set here.
+  """
   flat = {}
-  for top, tree in out.items():
+  for top in sorted(out, key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k)):
+    tree = out[top]
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       flat[top + jax.tree_util.keystr(path)] = np.asarray(leaf)
   return flat
