@@ -174,6 +174,21 @@ def serving_outputs(head: AnyHead, logits: Any) -> dict[str, dict[str, jax.Array
 
 def _head_outputs(head: base.Head, predictions: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   config = head.config
+  if config.serving is not None:
+    # A kind defined with jheads.define_head names its own signatures.
+    own = {name: dict(outputs) for name, outputs in config.serving(dict(predictions)).items()}
+    if not own:
+      raise ValueError(f"{config.description}: its serving function returned no signature.")
+    outputs = {DEFAULT_SERVING_KEY: dict(next(iter(own.values()))), **own}
+    outputs.setdefault(PREDICT_SERVING_KEY, dict(predictions))
+    return outputs
+  if config.kind == "ranking":
+    default = {"value": _prediction(head, predictions, "logits")}
+    return {
+        DEFAULT_SERVING_KEY: default,
+        REGRESS_SERVING_KEY: dict(default),
+        PREDICT_SERVING_KEY: dict(predictions),
+    }
   if config.is_classifier:
     default = {"scores": _prediction(head, predictions, "probabilities")}
     outputs = {DEFAULT_SERVING_KEY: default, CLASSIFY_SERVING_KEY: dict(default)}

@@ -127,3 +127,26 @@ def test_define_head_rejects_bad_definitions():
     jheads.define_head("my", logits_dim=0, loss=lambda lo, la: lo, predictions=dict)
   with pytest.raises(TypeError, match=r"my_head: loss must be callable"):
     jheads.define_head("my", logits_dim=1, loss=3, predictions=dict)
+
+
+def test_custom_and_ranking_heads_export_and_serve(tmp_path):
+  import jheads.export
+
+  head = jheads.multi_head([
+      custom_heads.quantile_head(name="dwell"),
+      custom_heads.focal_binary_head(name="click"),
+      jheads.ranking_head(name="rank", list_size=4),
+  ])
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=(3, head.logits_dim)), jnp.float32)
+  predict_logits = lambda features: features["x"] @ weights
+  jheads.export.save(tmp_path / "m", head, predict_logits, {"x": np.zeros((2, 3), F32)}, platforms=("cpu",))
+  signatures = jheads.export.load(tmp_path / "m")
+  assert {"dwell/regression", "click/classification", "rank/regression", "predict"} <= set(signatures)
+  x = np.random.default_rng(5).normal(size=(5, 3)).astype(F32)
+  served = signatures["predict"]({"x": x})
+  expected = head.predict_fn(predict_logits({"x": x}))
+  for (name, key), value in expected.items():
+    np.testing.assert_allclose(served[f"{name}/{key}"], np.asarray(value), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      signatures["dwell"]({"x": x})["value"], np.asarray(expected[("dwell", "quantiles")]), rtol=1e-6
+  )
