@@ -52,6 +52,13 @@ from jheads import stacked
 
 HIGHEST = jax.lax.Precision.HIGHEST
 JACOBIAN_MODES = ("layers", "vmap")
+# On CPU the heads' backward passes run in chunks whose cotangents and rows
+# take about this much memory: a vmap over all T heads at once streams
+# T-times-larger arrays through every elementwise pass and matrix product,
+# and measured 1.6x slower at T = 40 (benchmarks/mtl.py's trunk) than
+# chunks of 4 to 8 heads, which stay in cache. Accelerators take all heads
+# at once.
+CPU_CHUNK_BYTES = 4 * 2**20
 
 
 # ----------------------------------------------------------------------------
@@ -261,12 +268,34 @@ def linearize(
 
 def _linearize_vmap(fn, shared, other) -> Linearized:
   losses, vjp, aux = jax.vjp(fn, shared, other, has_aux=True)
+
+  row_bytes = 2 * sum(_nbytes(leaf) for leaf in jax.tree.leaves(shared))
+  jacobian = _chunked(lambda cotangents: jax.vmap(lambda c: vjp(c)[0])(cotangents), row_bytes)
+
   return Linearized(
       losses=losses,
       aux=aux,
-      jacobian=lambda cotangents: jax.vmap(lambda c: vjp(c)[0])(cotangents),
+      jacobian=jacobian,
       other=lambda cotangent: vjp(cotangent)[1],
   )
+
+
+def _nbytes(leaf: Any) -> int:
+  return int(np.prod(np.shape(leaf))) * jnp.dtype(jnp.result_type(leaf)).itemsize
+
+
+def _chunked(rows_fn: Callable[[jax.Array], list[Any]], row_bytes: int):
+  """`rows_fn` over `[T, T]` cotangents, in cache-sized chunks of rows on CPU."""
+
+  def jacobian(cotangents):
+    chunk = None
+    if jax.default_backend() == "cpu":
+      chunk = max(1, CPU_CHUNK_BYTES // max(int(row_bytes), 1))
+    if chunk is None or cotangents.shape[0] <= chunk:
+      return rows_fn(cotangents)
+    return jax.lax.map(lambda c: [r[0] for r in rows_fn(c[None])], cotangents, batch_size=chunk)
+
+  return jacobian
 
 
 class _DenseUse(NamedTuple):
@@ -441,7 +470,7 @@ def _linearize_layers(fn, shared, other, axis_name) -> Linearized:
       tapped_fn, taps, [shared[i] for i in direct], other, has_aux=True
   )
 
-  def jacobian(cotangents):
+  def rows_of(cotangents):
     d_taps, d_direct, _ = jax.vmap(vjp)(cotangents)
     rows: list[Any] = [None] * len(shared)
     for i, row in zip(direct, d_direct):
@@ -450,6 +479,11 @@ def _linearize_layers(fn, shared, other, axis_name) -> Linearized:
       contribution = _dense_rows(use, x, d_out, shared[use.leaf])
       rows[use.leaf] = contribution if rows[use.leaf] is None else rows[use.leaf] + contribution
     return rows
+
+  row_bytes = sum(_nbytes(leaf) for leaf in shared) + sum(
+      np.prod(use.out_aval.shape) * np.dtype(use.out_aval.dtype).itemsize for use in uses
+  )
+  jacobian = _chunked(rows_of, row_bytes)
 
   return Linearized(
       losses=losses, aux=aux, jacobian=jacobian, other=lambda cotangent: vjp(cotangent)[2]

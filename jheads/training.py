@@ -12,6 +12,14 @@ NNX module, or any function) and, for training, an optax optimizer:
   with `jheads.metrics.merge`, finish with `jheads.metrics.compute`).
 * `make_predict_step`: the head's predictions.
 
+Multi-task optimisation plugs into the train step: with a loss `weighting`
+(`jheads.weighting`) and/or a gradient `aggregator` (`jheads.aggregation`)
+`make_train_step` weights the heads' losses, takes the Jacobian of the
+per-head losses with respect to the `shared` parameters from the same
+forward pass and combines its rows; its state is a `TrainState` from
+`init_train_state`. `make_representation_train_step` takes that Jacobian
+at the trunk's output instead, a cheaper approximation.
+
 The steps are returned unjitted: wrap them in `jax.jit` (one device, or many
 through sharded inputs), `jax.shard_map` or `jax.pmap`. Under the last two,
 build them with `axis_name`: the batch is then split over that axis, and the
@@ -282,11 +290,13 @@ def make_train_step(
       torchjd's `mtl_backward` and LibMTL do.
     jacobian: how the Jacobian is computed: `"layers"` (default) takes the
       rows of every parameter used as a `dot_general` operand (dense and
-      einsum layers) as `x' dY_i` from the layer's input and the per-head
-      cotangents of its output, one large matrix product each, and
-      differentiates the others directly; `"vmap"` vmaps the backward pass
-      over the heads for all of them. Both give the same Jacobian to float
-      rounding; "layers" is faster on dense models.
+      einsum layers, found in the traced program, any framework) as
+      `x' dY_i` from the layer's input and the per-head cotangents of its
+      output, one large matrix product each, and differentiates the others
+      (biases, norms, parameters inside loops) directly; `"vmap"` vmaps the
+      backward pass over the heads for all of them. Both give the same
+      Jacobian to float rounding; "layers" is faster on dense models. On
+      CPU the heads' backward passes run in cache-sized chunks.
 
   Returns:
     The train step, unjitted. `head_weights` (`[n_heads]`) overrides a
