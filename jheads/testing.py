@@ -47,7 +47,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -234,19 +233,23 @@ def assert_eager_jit_vmap_equal(
     features: Any = None,
     *,
     vmap_size: int = 2,
+    eager_gradient: bool = False,
     rtol: float = 1e-6,
     atol: float = 1e-6,
 ) -> None:
   """Asserts that the head computes the same numbers eagerly, under `jax.jit` and under `jax.vmap`.
 
-  The loss, per-head losses, metrics (`metrics.compute` of the statistics),
-  predictions and the gradient of the loss with respect to the logits are
-  computed eagerly, then under `jax.jit`. For `jax.vmap`, `vmap_size`
+  The loss, per-head losses, metrics (`metrics.compute` of the statistics)
+  and predictions are computed eagerly and under `jax.jit`; with
+  `eager_gradient`, so is the gradient of the loss with respect to the
+  logits (off by default: eagerly, every operation compiles on its own,
+  which for a large multi_head takes long). For `jax.vmap`, `vmap_size`
   variants of the batch are stacked on a new leading axis and mapped over:
   variant `i` has its rows rolled by `i` (logits, labels and features alike)
   and its logits scaled by `1 + i / 8`, so that variants differ; each must
-  give what it gives on its own. A head with Python state, or one whose
-  numbers depend on whether its inputs are concrete, fails here.
+  give under vmap what it gives on its own under jit, gradient included. A
+  head with Python state, or one whose numbers depend on whether its inputs
+  are concrete, fails here.
 
   Args:
     head: a `jheads.Head` or `jheads.MultiHead`.
@@ -254,6 +257,7 @@ def assert_eager_jit_vmap_equal(
     labels: its labels.
     features: its features dict, or None.
     vmap_size: how many variants of the batch `jax.vmap` maps over.
+    eager_gradient: also compare the gradient computed eagerly.
     rtol: relative tolerance.
     atol: absolute tolerance.
 
@@ -273,9 +277,11 @@ def assert_eager_jit_vmap_equal(
         f"{_prefix(head, TRANSFORMS)}: vmap_size must be an int >= 1, got {vmap_size!r}."
     )
   tolerance = dict(rtol=rtol, atol=atol)
-  eager = _outputs(head, logits, labels, features)
+  eager = _outputs(head, logits, labels, features, gradient=eager_gradient)
   jitted = _jit_outputs(head)
   got = _attempt(head, TRANSFORMS, "under jax.jit", jitted, logits, labels, features)
+  if not eager_gradient:
+    got.pop("gradient")
   _assert_close(head, TRANSFORMS, got, eager, got="under jit", expected="eagerly", **tolerance)
 
   # The reference for each variant is the head under jit, which was just
@@ -304,7 +310,7 @@ def assert_merge_equals_concatenation(
     rtol: float = 1e-6,
     atol: float = 1e-6,
 ) -> None:
-  """Asserts that statistics of k batches merged with `metrics.merge` equal those of their concatenation.
+  """Asserts that the merged statistics of k batches equal those of their concatenation.
 
   The batch is cut into `num_batches` consecutive parts of unequal sizes
   where possible (`numpy.array_split`); each part's `metric_fn` statistics
@@ -377,7 +383,7 @@ def assert_grouped_equals_per_head(
     rtol: float = 1e-6,
     atol: float = 1e-6,
 ) -> None:
-  """Asserts that like heads give the same numbers vectorized (grouped) as one by one in a multi_head.
+  """Asserts that like heads in a multi_head give the same numbers grouped as one by one.
 
   Builds a multi_head of `copies` copies of the head (of every head of a
   multi_head), named `<name>_0`, `<name>_1`, ..., with head weights 1, 1.5,
@@ -450,7 +456,7 @@ def assert_finite_gradients(
     labels: Any,
     features: Any = None,
     *,
-    magnitude: float | Mapping[str, float] = 1e4,
+    magnitude: float | Mapping[str, float] = DEFAULT_MAGNITUDE,
     seed: int = 0,
 ) -> None:
   """Asserts that loss, gradient and metrics are finite when every logit is +-`magnitude`.
@@ -512,7 +518,8 @@ def assert_finite_gradients(
   for sign in (1.0, -1.0):
     at = jax.tree.map(lambda x: sign * x, large)
     out = _attempt(
-        head, FINITE, f"the head at |logits| = {described}", _jit_outputs(head), at, labels, features
+        head, FINITE, f"the head at |logits| = {described}", _jit_outputs(head),
+        at, labels, features,
     )
     out.pop("predictions")
     flat = _flatten(out)
@@ -522,10 +529,11 @@ def assert_finite_gradients(
       bad = ~np.isfinite(value)
       if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
+        loss = "" if key == "loss" else f"; the loss is {_format(flat['loss'])}"
         raise AssertionError(
             f"{_prefix(head, FINITE)}: {_at(key, index)} is {_format(value[index])} with every"
             f" logit at +-{described} (signs drawn with seed {seed}"
-            f"{', then flipped' if sign < 0 else ''}); the loss is {_format(flat['loss'])}."
+            f"{', then flipped' if sign < 0 else ''}){loss}."
         )
 
 
@@ -627,8 +635,8 @@ def assert_sharded_equals_one_device(
       mesh = jax.make_mesh((n,), (_AXIS,), axis_types=(axis_type,), devices=devices)
       with jax.set_mesh(mesh):
         sharded = jax.device_put(inputs, NamedSharding(mesh, P(_AXIS)))
-        got = _attempt(head, SHARDED, f"under sharded jit ({mode} axes)", jax.jit(outputs), *sharded)
-      label = f"under sharded jit ({mode} axes)"
+        label = f"under sharded jit ({mode} axes)"
+        got = _attempt(head, SHARDED, label, jax.jit(outputs), *sharded)
     _assert_close(head, SHARDED, got, expected, got=label, expected="on one device",
                   note=note, **tolerance)
 
@@ -656,7 +664,8 @@ def assert_absent_rows_equal_dropped(
     given): a masked row must never be read.
   * Missing labels: every head with a missing-label value (its
     `HeadConfig.missing_label`, -1 for a ranking head, whose padding it is,
-    or `missing_label`) gets it as the label of the chosen rows.
+    or `missing_label`) gets it as the label of the chosen rows, inside the
+    same multi_head with every row kept.
 
   Either way the loss, per-head losses, metrics and the gradient of the kept
   rows must equal those of the batch with the chosen rows dropped, the
@@ -765,7 +774,7 @@ def assert_absent_rows_equal_dropped(
   # Missing labels: every head that has a missing-label value, together.
   members = _members(head)
   values = [_missing_value(m, missing_label) for m in members]
-  if all(v is None for v in values):
+  if all(v is None for v in values):  # Nothing can be missing: the mask says it all.
     return
   names = [_name(m) for m in members]
   per_member = dict(zip(names, _per_member(head, logits, labels)))
@@ -781,7 +790,9 @@ def assert_absent_rows_equal_dropped(
     subject_runs = runs(all_kept) if all_kept is not masked else masked_runs
     inputs = (plain_logits, missing, with_mask(np.ones(batch, bool)))
   else:
-    subject = multi_head([_renamed(m, n) for m, n, v in zip(members, names, values) if v is not None])
+    subject = multi_head(
+        [_renamed(m, n) for m, n, v in zip(members, names, values) if v is not None]
+    )
     sub_logits = {n: per_member[n][0] for n in missing}
     sub_labels = {n: per_member[n][1] for n in missing}
     expected = dropped_outputs(subject, (sub_logits, sub_labels, features))
@@ -797,7 +808,7 @@ def check_head(
     *,
     batch_size: int = 8,
     seed: int = 0,
-    magnitude: float = 1e4,
+    magnitude: float | Mapping[str, float] = DEFAULT_MAGNITUDE,
     skip: Sequence[str] = (),
 ) -> tuple[str, ...]:
   """Runs every assertion of this module on one batch drawn for the head.
@@ -838,7 +849,9 @@ def check_head(
   names = list(assertions)
   unknown = [s for s in skip if s not in names]
   if isinstance(skip, str) or unknown:
-    raise ValueError(f"jheads.testing.check_head: skip must list names among {names}, got {skip!r}.")
+    raise ValueError(
+        f"jheads.testing.check_head: skip must list names among {names}, got {skip!r}."
+    )
   rng = np.random.default_rng(seed)
   inputs = random_inputs(head, rng, (batch_size,)) if draw is None else draw(rng, (batch_size,))
   inputs = Inputs(*inputs)
@@ -866,14 +879,14 @@ def _jit_outputs(head):
   """`jax.jit` of `_outputs` for the head, one per head, so checks share compilations."""
   try:
     return _cached_jit(head, _outputs)
-  except TypeError:  # An unhashable head (a config holding a list, say).
+  except Exception:  # An unhashable head (a config holding a list, say).
     return jax.jit(functools.partial(_outputs, head))
 
 
 def _jit_metric_fn(head):
   try:
     return _cached_jit(head, None)
-  except TypeError:
+  except Exception:  # As above.
     return jax.jit(head.metric_fn)
 
 
@@ -882,7 +895,7 @@ def _cached_jit(head, fn):
   return jax.jit(head.metric_fn if fn is None else functools.partial(fn, head))
 
 
-def _evaluate(head, logits, labels, features, *, axis_name=None, predictions=True):
+def _evaluate(head, logits, labels, features, *, axis_name=None, predictions=True, gradient=True):
   """Loss, per-head losses, statistics, predictions and the loss' gradient."""
   multi = isinstance(head, MultiHead)
 
@@ -891,14 +904,18 @@ def _evaluate(head, logits, labels, features, *, axis_name=None, predictions=Tru
       return head.losses_fn(logits, labels, features, axis_name=axis_name)
     return head.loss_fn(logits, labels, features, axis_name=axis_name), None
 
-  (loss, head_losses), gradient = jax.value_and_grad(objective, has_aux=True)(logits)
+  if gradient:
+    (loss, head_losses), grad = jax.value_and_grad(objective, has_aux=True)(logits)
+  else:
+    loss, head_losses = objective(logits)
   out = {"loss": loss}
   if multi:  # By name: a grouped and a per-head multi_head may stack them in other orders.
     out["head_losses"] = {name: head_losses[name] for name in head_losses}
   out["stats"] = head.metric_fn(logits, labels, features, axis_name=axis_name)
   if predictions:
     out["predictions"] = head.predict_fn(logits)
-  out["gradient"] = gradient
+  if gradient:
+    out["gradient"] = grad
   return out
 
 
@@ -913,13 +930,16 @@ def _finalize(out):
   return finished
 
 
-def _outputs(head, logits, labels, features, *, predictions=True):
-  return _finalize(_evaluate(head, logits, labels, features, predictions=predictions))
+def _outputs(head, logits, labels, features, *, predictions=True, gradient=True):
+  return _finalize(
+      _evaluate(head, logits, labels, features, predictions=predictions, gradient=gradient)
+  )
 
 
 def _shard_outputs(head, logits, labels, features):
   out = _evaluate(head, logits, labels, features, axis_name=_AXIS)
-  summed = jax.lax.psum({k: v for k, v in out.items() if k in ("loss", "head_losses", "stats")}, _AXIS)
+  shares = {k: v for k, v in out.items() if k in ("loss", "head_losses", "stats")}
+  summed = jax.lax.psum(shares, _AXIS)
   return _finalize({**out, **summed})
 
 

@@ -1,4 +1,4 @@
-"""jheads.testing: the kit passes on every built-in head kind, and each assertion fails on a broken head.
+"""jheads.testing: the kit passes on every built-in head kind; each assertion fails on a broken head.
 
 The built-in kinds run as one multi_head (one head per kind, from
 `tests/cases.py`, plus a ranking head), so that every assertion covers every
@@ -220,7 +220,8 @@ def test_kernel_reading_features_fails_grouped():
   features = {"scale": np.full(BATCH, 2.0, F32)}
   message = _failure(testing.assert_grouped_equals_per_head, head, logits, labels, features)
   _expect(message, r"^head 'scaled' fails 'grouped equals per-head inside a multi_head': ",
-          r"loss is [0-9.e+-]+ grouped \(vectorize=True\) but [0-9.e+-]+ per head \(vectorize=False\)")
+          r"loss is [0-9.e+-]+ grouped \(vectorize=True\) but [0-9.e+-]+ per head"
+          r" \(vectorize=False\)")
   testing.assert_grouped_equals_per_head(inner, logits, labels, features)
 
 
@@ -288,7 +289,8 @@ def test_value_check_reading_masked_rows_fails_absent_rows():
   head = _with_kernel(inner, value_checks=value_checks)
   message = _failure(testing.assert_absent_rows_equal_dropped, head, *_regression_inputs())
   _expect(message, r"^head 'nosy' fails 'masked rows and missing labels equal dropped rows': ",
-          r"a value check fired with rows \[[0-9, ]+\] masked out, under jit.*logits must be finite")
+          r"a value check fired with rows \[[0-9, ]+\] masked out, under jit.*"
+          r"logits must be finite")
 
 
 def test_bad_inputs_are_rejected_early():
