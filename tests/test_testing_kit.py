@@ -101,11 +101,6 @@ def test_sharded_on_every_kind(zoo):
   testing.assert_sharded_equals_one_device(*zoo, modes=("shard_map",))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="jheads/heads/ranking.py ranks(): broadcasted_iota has no out_sharding, so"
-    " lax.sort rejects it beside Explicit-sharded scores (a ShardingTypeError)",
-)
 def test_sharded_explicit_axes_on_every_kind(zoo):
   testing.assert_sharded_equals_one_device(*zoo, modes=("explicit",))
 

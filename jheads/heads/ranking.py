@@ -230,7 +230,10 @@ def ranks(scores: jax.Array, where: jax.Array | None = None) -> jax.Array:
   """
   scores = jnp.asarray(scores)
   dimension = scores.ndim - 1
-  iota = jax.lax.broadcasted_iota(jnp.int32, scores.shape, dimension)
+  # The positions share the scores' sharding (an Explicit mesh would reject the sort otherwise).
+  iota = jax.lax.broadcasted_iota(
+      jnp.int32, scores.shape, dimension, out_sharding=jax.typeof(scores).sharding
+  )
   keys = (_sort_key(scores),)
   if where is not None:
     keys = (jnp.logical_not(where).astype(jnp.int32),) + keys
