@@ -588,7 +588,10 @@ def test_stch_large_losses_and_small_mu_stay_finite():
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: weighting.fixed([1.0, 2.0]).init(3), "fixed: weights has 2 entries but there are 3 heads"),
+        (
+            lambda: weighting.fixed([1.0, 2.0]).init(3),
+            "fixed: weights has 2 entries but there are 3 heads",
+        ),
         (lambda: weighting.fixed([1.0, np.inf]), "fixed: weights must be finite"),
         (lambda: weighting.fixed([[1.0, 2.0]]), "fixed: weights must be a non-empty 1-D vector"),
         (lambda: weighting.fixed([]), "fixed: weights must be a non-empty 1-D vector"),
@@ -596,19 +599,46 @@ def test_stch_large_losses_and_small_mu_stay_finite():
         (lambda: weighting.equal().init(2.0), "equal: n_heads must be a positive int"),
         (lambda: weighting.dwa(steps_per_epoch=0), "dwa: steps_per_epoch must be a positive int"),
         (lambda: weighting.dwa(steps_per_epoch=2.5), "dwa: steps_per_epoch must be a positive int"),
-        (lambda: weighting.dwa(steps_per_epoch=3, temperature=0.0), "dwa: temperature must be strictly positive"),
-        (lambda: weighting.dwa(steps_per_epoch=3, temperature=-1.0), "dwa: temperature must be strictly positive"),
+        (
+            lambda: weighting.dwa(steps_per_epoch=3, temperature=0.0),
+            "dwa: temperature must be strictly positive",
+        ),
+        (
+            lambda: weighting.dwa(steps_per_epoch=3, temperature=-1.0),
+            "dwa: temperature must be strictly positive",
+        ),
         (lambda: weighting.stch(mu=0.0), "stch: mu must be strictly positive"),
         (lambda: weighting.stch(mu=float("nan")), "stch: mu must be a finite positive number"),
-        (lambda: weighting.stch(pref_vector=[0.5, 0.5]).init(3), "stch: pref_vector has 2 entries but there are 3 heads"),
-        (lambda: weighting.stch(reference=[0.0]).init(2), "stch: reference has 1 entries but there are 2 heads"),
-        (lambda: weighting.stch(pref_vector=[0.5, 0.5], reference=[0.0]), "stch: pref_vector has 2 entries but reference has 1"),
+        (
+            lambda: weighting.stch(pref_vector=[0.5, 0.5]).init(3),
+            "stch: pref_vector has 2 entries but there are 3 heads",
+        ),
+        (
+            lambda: weighting.stch(reference=[0.0]).init(2),
+            "stch: reference has 1 entries but there are 2 heads",
+        ),
+        (
+            lambda: weighting.stch(pref_vector=[0.5, 0.5], reference=[0.0]),
+            "stch: pref_vector has 2 entries but reference has 1",
+        ),
         (lambda: weighting.random(key=0), "random: key must be a jax.random.key"),
         (lambda: weighting.random(key=None), "random: key must be a jax.random.key"),
-        (lambda: weighting.uncertainty(init_log_var=float("inf")), "uncertainty: init_log_var must be a finite number"),
-        (lambda: weighting.uncertainty(optimizer="adam"), "uncertainty: optimizer must be an optax GradientTransformation"),
-        (lambda: weighting.famo(min_losses=[0.0, 0.0]).init(3), "famo: min_losses has 2 entries but there are 3 heads"),
-        (lambda: weighting.famo(optimizer=0.025), "famo: optimizer must be an optax GradientTransformation"),
+        (
+            lambda: weighting.uncertainty(init_log_var=float("inf")),
+            "uncertainty: init_log_var must be a finite number",
+        ),
+        (
+            lambda: weighting.uncertainty(optimizer="adam"),
+            "uncertainty: optimizer must be an optax GradientTransformation",
+        ),
+        (
+            lambda: weighting.famo(min_losses=[0.0, 0.0]).init(3),
+            "famo: min_losses has 2 entries but there are 3 heads",
+        ),
+        (
+            lambda: weighting.famo(optimizer=0.025),
+            "famo: optimizer must be an optax GradientTransformation",
+        ),
     ],
 )
 def test_bad_arguments_raise(build, match):

@@ -26,7 +26,7 @@ equal torchjd 0.18's `torchjd.scalarization`.
 | `dwa(*, steps_per_epoch, temperature=2.0)` | `sum T softmax(r / temp) L` | `DWA` |
 | `random(*, key)` | `sum softmax(z) L`, `z ~ N(0, I)` | `Random` |
 | `geometric()` | `exp(mean log L)` | `GeometricMean` |
-| `stch(*, mu=1.0, pref_vector=None, reference=None)` | `mu logsumexp(pref (L - ref) / mu)` | `STCH` |
+| `stch(*, mu=1.0, pref_vector=None, reference=None)` | `mu lse(pref (L - ref) / mu)` | `STCH` |
 | `famo(*, min_losses=None, optimizer=None)` | `sum z log D / sg(sum z / D)` | `FAMO` |
 
 Example:

@@ -139,7 +139,8 @@ def check_positive(value: Any, name: str, where: str) -> float:
 
 def check_optimizer(optimizer: Any, where: str) -> optax.GradientTransformation:
   """An optax transformation (anything with `init` and `update`)."""
-  if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+  methods = (getattr(optimizer, "init", None), getattr(optimizer, "update", None))
+  if not all(callable(method) for method in methods):
     raise ValueError(
         f"{where}: optimizer must be an optax GradientTransformation, got {optimizer!r}."
     )

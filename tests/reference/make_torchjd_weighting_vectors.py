@@ -157,7 +157,8 @@ def main() -> None:
       for mu in (1.0, 0.1, 0.01):
         add("STCH", "stch", {"mu": mu}, n_heads, seed,
             stateless(sc.STCH(mu), losses_seq))
-        add("STCH", "stch", {"mu": mu, "pref_vector": _floats(pref), "reference": _floats(reference)},
+        add("STCH", "stch",
+            {"mu": mu, "pref_vector": _floats(pref), "reference": _floats(reference)},
             n_heads, seed,
             stateless(sc.STCH(mu, torch.tensor(pref), torch.tensor(reference)), losses_seq))
       # Large losses and a small mu: the max-subtracted form must not overflow.
