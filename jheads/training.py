@@ -69,6 +69,8 @@ import optax
 
 from jheads import _multitask_step
 from jheads import base
+from jheads import checks as checks_lib
+from jheads import stacked
 from jheads import combinator
 from jheads import metrics
 
@@ -81,7 +83,7 @@ REGULARIZATION_LOSS = "regularization_loss"
 """The eval metric key of the regularization loss, as in TensorFlow."""
 
 
-class TrainOutput(NamedTuple):
+class _TrainOutputFields(NamedTuple):
   """What one train step reports, all from the step's one forward pass.
 
   Under `axis_name` every field is the whole batch's value, the same on every
@@ -101,6 +103,9 @@ class TrainOutput(NamedTuple):
       `dS/dL` of the weighting, times the aggregator's weights when it has
       Gramian weights; None for an aggregator without them (GradDrop) and
       for the plain step.
+    errors: the step's value checks (`jheads.checks.StepErrors`), or None
+      for a step built with `checks=False`. Reading any other field on the
+      host raises the first failed check.
   """
 
   loss: jax.Array
@@ -108,6 +113,31 @@ class TrainOutput(NamedTuple):
   regularization_loss: jax.Array | None = None
   metrics: base.Stats | None = None
   head_weights: jax.Array | None = None
+  errors: Any = None
+
+
+def _checked_field(index: int) -> property:
+  def read(self):
+    errors = tuple.__getitem__(self, _ERRORS)
+    if errors is not None:
+      errors.raise_if_failed()
+    return tuple.__getitem__(self, index)
+
+  return property(read)
+
+
+_ERRORS = _TrainOutputFields._fields.index("errors")
+
+
+class TrainOutput(_TrainOutputFields):
+  __doc__ = _TrainOutputFields.__doc__
+  __slots__ = ()
+
+  loss = _checked_field(0)
+  head_losses = _checked_field(1)
+  regularization_loss = _checked_field(2)
+  metrics = _checked_field(3)
+  head_weights = _checked_field(4)
 
 
 class TrainState(NamedTuple):
@@ -234,6 +264,7 @@ def make_train_step(
     aggregator: Any = None,
     shared: Any = None,
     jacobian: str = "layers",
+    checks: bool = True,
 ) -> Callable[..., tuple[Any, Any, TrainOutput]]:
   """Builds the train step (Estimator's TRAIN mode).
 
@@ -344,7 +375,7 @@ def make_train_step(
   _multitask_step.check_aggregator(aggregator, head, where)
   _multitask_step.check_jacobian(jacobian, where)
   if weighting is not None or aggregator is not None:
-    return _state_step(
+    return _with_checks(checks, axis_name, _attach_to_train_output, _state_step(
         _multitask_step.make_step(
             head,
             apply_fn,
@@ -358,7 +389,7 @@ def make_train_step(
             jacobian=jacobian,
             where=where,
         )
-    )
+    ))
   if shared is not None:
     raise ValueError(
         f"{where}: shared selects the parameters of an aggregator's Jacobian;"
@@ -392,7 +423,25 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, output
 
-  return train_step
+  return _with_checks(checks, axis_name, _attach_to_train_output, train_step)
+
+
+def _with_checks(enabled: bool, axis_name: Any, attach: Callable[..., Any], step: Callable[..., Any]):
+  """The step with value checks that raise when its outputs are read, or as it is."""
+  if not enabled:
+    return step
+  return checks_lib.checked_step(step, axis_name=axis_name, attach=attach)
+
+
+def _attach_to_train_output(out, errors):
+  params, state, output = out
+  return params, state, output._replace(errors=errors)
+
+
+def _attach_to_stats(stats, errors):
+  if isinstance(stats, stacked.GroupedStats):
+    return stats.with_errors(errors)
+  return checks_lib.CheckedDict(stats, errors)
 
 
 
@@ -565,6 +614,7 @@ def make_eval_step(
     *,
     regularization_fn: RegularizationFn | None = None,
     axis_name: Any = None,
+    checks: bool = True,
 ) -> Callable[[Any, base.Features, Any], base.Stats]:
   """Builds the eval step (Estimator's EVAL mode).
 
@@ -598,21 +648,25 @@ def make_eval_step(
 
   def eval_step(params, features, labels):
     logits = apply_fn(params, features)
-    stats = dict(head.metric_fn(logits, labels, features, axis_name=axis_name))
+    stats = head.metric_fn(logits, labels, features, axis_name=axis_name)
     if regularization_fn is not None:
       regularization = jnp.asarray(regularization_fn(params))
       # One batch counts once in the mean, however many shards share it.
       count = base.shard_share(jnp.ones((), regularization.dtype), axis_name)
-      stats[REGULARIZATION_LOSS] = metrics.Ratio(regularization * count, count)
+      extra = {REGULARIZATION_LOSS: metrics.Ratio(regularization * count, count)}
+      if isinstance(stats, stacked.GroupedStats):
+        stats = stats.with_extras(**extra)
+      else:
+        stats = {**stats, **extra}
     if axis_name is not None:
       stats = jax.lax.psum(stats, axis_name)
     return stats
 
-  return eval_step
+  return _with_checks(checks, axis_name, _attach_to_stats, eval_step)
 
 
 def make_predict_step(
-    head: AnyHead, apply_fn: ApplyFn
+    head: AnyHead, apply_fn: ApplyFn, *, checks: bool = True
 ) -> Callable[[Any, base.Features], dict[Any, jax.Array]]:
   """Builds the predict step (Estimator's PREDICT mode).
 
@@ -642,5 +696,5 @@ def make_predict_step(
   def predict_step(params, features):
     return head.predict_fn(apply_fn(params, features))
 
-  return predict_step
+  return _with_checks(checks, None, _attach_to_stats, predict_step)
 
