@@ -49,8 +49,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import problem  # noqa: E402
 from jheads import metrics  # noqa: E402
+from jheads import training  # noqa: E402
 
-SECTIONS = ("overhead", "peers", "auc", "hlo")
+SECTIONS = ("overhead", "checks", "peers", "auc", "hlo")
 HEAD_COUNTS = (1, 10, 100)
 PEER_HEAD_COUNTS = (10, 100)
 AUC_THRESHOLDS = (200, 10_000)
@@ -186,6 +187,53 @@ def overhead(settings: Settings, report: dict[str, Any]) -> None:
   report["overhead_ratio"] = ratios
   report["compile_ratio"] = compile_ratios
   report["speedup_over"] = speedups
+
+
+class BuilderStepper:
+  """`jheads.training.make_train_step` as the README builds it, with or without checks."""
+
+  def __init__(self, num_heads: int, *, checks: bool):
+    head = problem.make_multi_head(num_heads)
+    self.step = jax.jit(training.make_train_step(
+        head, lambda params, features: problem.apply(params, features["x"]),
+        problem.make_optimizer(), checks=checks))
+    self.params, self.opt_state, (x, self.labels) = problem.step_inputs(num_heads)
+    self.features = {"x": x}
+    self.out = None
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.params, self.opt_state, self.out = self.step(
+          self.params, self.opt_state, self.features, self.labels
+      )
+    jax.block_until_ready(self.params)
+    return 1e3 * (time.perf_counter() - start) / steps
+
+
+def value_checks(settings: Settings, report: dict[str, Any]) -> None:
+  """The cost of the step builders' value checks (checkify outputs, no host callback)."""
+  section, ratios = {}, {}
+  for num_heads in HEAD_COUNTS:
+    key = f"T{num_heads}"
+    steppers = {
+        "checks": BuilderStepper(num_heads, checks=True),
+        "no_checks": BuilderStepper(num_heads, checks=False),
+    }
+    for stepper in steppers.values():
+      stepper.run(1)
+    float(steppers["checks"].out.loss)  # the checks pass on the benchmark's data
+    times = interleave(
+        {c: lambda s=s: s.run(settings.steps) for c, s in steppers.items()}, settings.rounds
+    )
+    ratios[key] = paired_ratio(times["checks"], times["no_checks"])
+    section[key] = {c: median(times[c]) for c in times}
+    print(
+        f"value checks, T = {num_heads}: {section[key]['checks']:.3f} ms with,"
+        f" {section[key]['no_checks']:.3f} ms without; checks_ratio {ratios[key]:.3f}"
+    )
+  report["checks"] = section
+  report["checks_ratio"] = ratios
 
 
 def keras_block(model: Any, x: np.ndarray, ys: list[np.ndarray], steps: int) -> Callable[[], float]:
@@ -536,6 +584,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for section in sections:
     if section == "overhead":
       overhead(settings, report)
+    elif section == "checks":
+      value_checks(settings, report)
     elif section == "peers":
       peers(settings, report, args.tf_python)
     elif section == "auc":
