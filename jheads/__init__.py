@@ -16,7 +16,7 @@ Example:
   ['accuracy/species', 'average_loss/mass', 'average_loss/species']
 """
 
-from jheads import export, metrics, training
+from jheads import aggregation, export, metrics, training, weighting
 from jheads.base import Head, HeadConfig, LossReduction
 from jheads.checks import checked
 from jheads.combinator import MultiHead, multi_head
@@ -40,6 +40,7 @@ __all__ = [
     "HeadConfig",
     "LossReduction",
     "MultiHead",
+    "aggregation",
     "binary_classification_head",
     "checked",
     "class_names",
@@ -57,4 +58,5 @@ __all__ = [
     "regression_head",
     "sequence_head",
     "training",
+    "weighting",
 ]
