@@ -117,7 +117,7 @@ class Settings:
   breakdown_calls: int  # calls per breakdown block
 
 
-QUICK = Settings(64, 16, 5, 7, 2, 2, 5, 50)
+QUICK = Settings(64, 16, 5, 5, 1, 1, 5, 50)
 FULL = Settings(64, 16, 5, 15, 3, 3, 15, 200)
 
 
@@ -814,18 +814,6 @@ def breakdown_blocks(train: Split, calls: int) -> dict[str, Callable[[], float]]
             z[:, cols], labels[name], features)),
         (logits,), calls,
     )
-  for name, factory in (
-      ("step/trunk", trunk_train_step),
-      ("step/hand", hand_train_step),
-      ("step/jheads", lambda: jheads_train_step(head)),
-  ):
-    blocks[name] = _timed_calls(
-        jax.jit(factory()), (params, adam.init(params), features, labels), calls
-    )
-  state = (adam.init(params), zero_statistics(head, features, labels))
-  blocks["step/jheads_metrics"] = _timed_calls(
-      jax.jit(jheads_metrics_train_step(head)), (params, state, features, labels), calls
-  )
   blocks["dispatch/step_signature"] = _timed_calls(
       jax.jit(lambda p, o, f, l: (p, o, jnp.zeros(()))), (params, adam.init(params), features, labels),
       calls,
@@ -865,24 +853,6 @@ def first_step_phases(train: Split) -> dict[str, dict[str, float]]:
   return out
 
 
-def hlo_census(train: Split) -> dict[str, dict[str, int]]:
-  """Op counts by opcode of the optimized HLO of the jitted steps and head parts."""
-  head = make_head()
-  features, labels = jax.device_put(train.batch(0))
-  params = init_params()
-  adam = make_optimizer()
-  programs = {
-      "step/trunk": (trunk_train_step(), (params, adam.init(params), features, labels)),
-      "step/hand": (hand_train_step(), (params, adam.init(params), features, labels)),
-      "step/jheads": (jheads_train_step(head), (params, adam.init(params), features, labels)),
-      "step/jheads_metrics": (
-          jheads_metrics_train_step(head),
-          (params, (adam.init(params), zero_statistics(head, features, labels)), features, labels),
-      ),
-  }
-  return {name: opcode_counts(fn, *args) for name, (fn, args) in programs.items()}
-
-
 _INTERESTING = (
     "fusion", "scatter", "gather", "dynamic-slice", "dynamic-update-slice", "select",
     "compare", "sort", "while", "conditional", "custom-call", "reduce", "dot",
@@ -891,20 +861,21 @@ _INTERESTING = (
 )
 
 
-def opcode_counts(fn: Callable, *args: Any) -> dict[str, int]:
-  """Instructions of the compiled module by opcode (fusion bodies included)."""
-  text = jax.jit(fn).lower(*args).compile().as_text()
+def opcode_counts(optimized: str, stablehlo: str) -> dict[str, int]:
+  """Instructions of a compiled module by opcode (fusion bodies included), and its StableHLO ops."""
   pattern = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*[^=]*?\s([a-z][a-z0-9\-]*)\(")
   counts: dict[str, int] = {"total": 0}
-  for line in text.splitlines():
+  for line in optimized.splitlines():
     match = pattern.match(line)
     if match:
       counts["total"] += 1
       op = match.group(1)
       if op in _INTERESTING:
         counts[op] = counts.get(op, 0) + 1
-  fusions = re.findall(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=.*?\sfusion\(", text, re.M)
+  fusions = re.findall(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=.*?\sfusion\(", optimized, re.M)
   counts["top_level_fusions"] = len(fusions)
+  # What XLA is handed, before it optimizes: compile time grows with it.
+  counts["stablehlo_ops"] = len(re.findall(r"\bstablehlo\.[a-z_]+\b", stablehlo))
   return counts
 
 
@@ -1029,13 +1000,15 @@ def profile_step(fn: Callable, args: tuple, steps: int, directory: str) -> dict[
   import gzip  # pylint: disable=g-import-not-at-top
   import glob  # pylint: disable=g-import-not-at-top
 
-  jitted = jax.jit(fn)
-  sources, opcodes = hlo_sources(jitted.lower(*args).compile().as_text())
-  jax.block_until_ready(jitted(*args))
+  lowered = jax.jit(fn).lower(*args)
+  compiled = lowered.compile()
+  text = compiled.as_text()
+  sources, opcodes = hlo_sources(text)
+  jax.block_until_ready(compiled(*args))
   with jax.profiler.trace(directory, create_perfetto_trace=True):
     start = time.perf_counter()
     for _ in range(steps):
-      out = jitted(*args)
+      out = compiled(*args)
     jax.block_until_ready(out)
     wall = time.perf_counter() - start
   path = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True),
@@ -1072,6 +1045,7 @@ def profile_step(fn: Callable, args: tuple, steps: int, directory: str) -> dict[
     top = sorted(set(locations), key=lambda l: -locations.count(l))[:3]
     ops.append({"op": name, **times, "opcode": opcodes[name], "sources": top})
   return {
+      "hlo_opcodes": opcode_counts(text, lowered.as_text()),
       "wall_us_per_step_under_trace": 1e6 * wall / steps,
       "op_us_per_step": {stat: sum(c.values()) for stat, c in categories.items()},
       "categories_us": {
@@ -1119,7 +1093,14 @@ def host_profile(epoch: Callable[[], float], steps: int, directory: str) -> dict
     events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
   calls: dict[str, float] = {}
   puts = 0
-  for e in events:
+  # Each jitted call is recorded twice, one event nested in the other: count
+  # only events not inside an earlier one of the same name on the same thread.
+  last_end: dict[tuple[Any, str], float] = {}
+  for e in sorted(events, key=lambda e: (e["tid"], e["ts"])):
+    key = (e["tid"], e["name"])
+    if e["ts"] < last_end.get(key, -1.0):
+      continue
+    last_end[key] = e["ts"] + e["dur"]
     if e["name"].startswith("PjitFunction("):
       name = e["name"][len("PjitFunction("):-1]
       calls[name] = calls.get(name, 0) + 1 / steps
@@ -1179,8 +1160,9 @@ def breakdown(settings: Settings, train: Split, report: dict[str, Any], keras: b
       [[n, *(f"{p[k]:.3f}" for k in ("trace_s", "lower_s", "compile_s", "run_s"))]
        for n, p in phases.items()],
   )
-  report["hlo_opcodes"] = hlo_census(train)
-  census = report["hlo_opcodes"]
+  census = report["hlo_opcodes"] = {
+      name: p.pop("hlo_opcodes") for name, p in report["profiles"].items()
+  }
   ops = sorted({op for counts in census.values() for op in counts})
   print_table(
       "optimized HLO by opcode",
@@ -1262,12 +1244,16 @@ def run(
     save_for_estimator(train, held_out, problem_path)
   estimator_runs: list[dict[str, Any]] = []
 
-  if "speed" in sections:
-    speed(settings, train, report, keras, resolved_tf, problem_path, estimator_runs)
-  if "parity" in sections:
-    parity(settings, train, held_out, report, keras, resolved_tf, problem_path, estimator_runs)
-  if "breakdown" in sections:
-    breakdown(settings, train, report, keras)
+  seconds = report["section_seconds"] = {}
+  for section in sections:
+    start = time.perf_counter()
+    if section == "speed":
+      speed(settings, train, report, keras, resolved_tf, problem_path, estimator_runs)
+    elif section == "parity":
+      parity(settings, train, held_out, report, keras, resolved_tf, problem_path, estimator_runs)
+    elif section == "breakdown":
+      breakdown(settings, train, report, keras)
+    seconds[section] = time.perf_counter() - start
   tmp.cleanup()
   report["load_average_end"] = load_average()
   report["seconds"] = time.perf_counter() - started
@@ -1433,6 +1419,22 @@ def parity(settings, train, held_out, report, keras, tf_python, problem_path, es
   )
 
 
+def source_state() -> dict[str, Any]:
+  """The commit measured, and the files that differed from it (a shared working tree)."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=False)
+    return done.stdout
+
+  return {
+      "commit": git("rev-parse", "HEAD").strip(),
+      "modified": [
+          line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+      ],
+  }
+
+
 def machine() -> dict[str, Any]:
   model = platform.processor()
   try:
@@ -1470,6 +1472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           ["python -m benchmarks.workload"] + (argv if argv is not None else sys.argv[1:])
       ),
       "machine": machine(),
+      "source": source_state(),
   }
   print(json.dumps(report["machine"]))
   report.update(
