@@ -13,6 +13,7 @@ from jheads.aggregation import _base
 _SCALE_MODES = ("min", "median", "rmse")
 
 
+@functools.partial(jax.jit, static_argnames=("scale_mode",))
 def aligned_mtl_core(g, mask, pref, *, scale_mode):
   """Aligned-MTL's weights on a padded Gramian (`pref` 0 off the real heads)."""
   t = g.shape[0]

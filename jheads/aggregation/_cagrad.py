@@ -12,8 +12,9 @@ from jheads.aggregation import _base
 from jheads.aggregation import _solvers
 
 
+@functools.partial(jax.jit, static_argnames=("norm_eps",))
 def cagrad_core(g, mask, *, c, norm_eps):
-  """CAGrad's weights on a padded Gramian (`mask`: the real heads)."""
+  """CAGrad's weights on a padded Gramian (`mask`: the real heads; `c` may be traced)."""
   t = g.shape[0]
   m = mask.astype(g.dtype)
   n_real = jnp.sum(m)
@@ -21,10 +22,7 @@ def cagrad_core(g, mask, *, c, norm_eps):
   b = jnp.matmul(gn, m, precision="highest") / n_real  # Gn 1/T: the heads' dots with g_0
   g0 = jnp.sqrt(jnp.maximum(jnp.sum(b) / n_real, 0))
   phi = c * g0
-  if c > 0:
-    w_opt, norm = _solvers.cagrad_direction(gn, b, jnp.where(phi > 0, phi, 1), allowed=mask)
-  else:
-    w_opt, norm = jnp.zeros(t, g.dtype), jnp.zeros((), g.dtype)
+  w_opt, norm = _solvers.cagrad_direction(gn, b, jnp.where(phi > 0, phi, 1), allowed=mask)
   # phi = 0 (c = 0, or a zero mean gradient): the linear problem's vertex.
   vertex = jnp.argmin(jnp.where(mask, b, jnp.inf))
   w_lin = jax.nn.one_hot(vertex, t, dtype=g.dtype)

@@ -9,6 +9,7 @@ import optax
 from jheads.aggregation import _base
 
 
+@jax.jit
 def config_core(g, mask, pref):
   """ConFIG's weights on a padded Gramian (`pref` 0 off the real heads)."""
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g), 0))

@@ -11,6 +11,7 @@ from jheads.aggregation import _base
 from jheads.aggregation import _upgrad
 
 
+@functools.partial(jax.jit, static_argnames=("norm_eps", "reg_eps"))
 def dualproj_core(g, mask, pref, *, norm_eps, reg_eps):
   """DualProj's weights on a padded Gramian (`pref` 0 off the real heads)."""
   del mask  # padding heads have u = 0 and never enter

@@ -20,6 +20,7 @@ class GradDropState(NamedTuple):
   key: jax.Array
 
 
+@jax.jit
 def graddrop_combine(leaf, u, leak):
   """GradDrop on one Jacobian leaf `[T, ...]` with uniforms `u` `[...]`.
 

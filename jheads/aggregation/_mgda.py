@@ -39,13 +39,15 @@ def frank_wolfe(g, mask, epsilon, max_iters):
   return alpha
 
 
+@functools.partial(jax.jit, static_argnames=("exact", "max_iters"))
 def mgda_core(g, mask, *, exact, epsilon, max_iters):
   """MGDA's weights on a padded Gramian (`mask`: the real heads)."""
   t = g.shape[0]
   if not exact:
     return frank_wolfe(g, mask, epsilon, max_iters)
   # The trace normalisation changes nothing but the tolerances' scale.
-  gn = _base.normalize(g, 0.0)
+  tr = jnp.trace(g)
+  gn = jnp.where(tr > 0, g / jnp.where(tr > 0, tr, 1), 0)
   w, _, _ = _solvers.simplex_qp(
       gn, jnp.zeros(t, g.dtype), allowed=mask, max_steps=max(max_iters, 4 * t + 16)
   )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -25,6 +27,7 @@ class NashMTLState(NamedTuple):
   step: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("max_steps",))
 def nash_alpha(g, *, max_steps):
   """The exact Nash-MTL weights of the Gramian `g` (zero heads get 0).
 
@@ -34,7 +37,8 @@ def nash_alpha(g, *, max_steps):
   equation `a_i (G a)_i = 1` reads `b_i (C b)_i = 1` with `a = D b`; `b` is
   the minimiser of the self-concordant `1/2 b'Cb - sum log b`
   (`_solvers.nash_newton`). The diagonal shift keeping it bounded on
-  Pareto-stationary heads is a few rounding units of `C`'s unit diagonal.
+  Pareto-stationary heads is one rounding unit of `C`'s unit diagonal (a
+  relative change of `eps b_i^2` to the equation).
   """
   t = g.shape[0]
   eps = jnp.finfo(g.dtype).eps
@@ -44,8 +48,15 @@ def nash_alpha(g, *, max_steps):
   corr = g * inv_n[:, None] * inv_n[None, :]
   # A zero head is decoupled (unit diagonal, no coupling) and dropped after.
   corr = jnp.where(live[:, None] & live[None, :], corr, jnp.eye(t, dtype=g.dtype))
-  b = _solvers.nash_newton(corr, max_steps=max_steps, reg=4 * t * eps)
+  b = _solvers.nash_newton(corr, max_steps=max_steps, reg=eps)
   return jnp.where(live, inv_n * b, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("max_steps",))
+def _solve_every(g, prev, due, *, max_steps):
+  """A fresh solution when `due`, else `prev` (one compilation, eager or not)."""
+  solve = lambda: nash_alpha(_base.pad(g)[0], max_steps=max_steps)[: g.shape[0]]
+  return lax.cond(due, solve, lambda: prev)
 
 
 def nash_mtl(
@@ -103,9 +114,10 @@ def nash_mtl(
     del losses
     g = _base.check_gramian(gramian, where, state.alpha.shape[0])
     prev = state.alpha.astype(g.dtype)
-    t = g.shape[0]
-    solve = lambda: nash_alpha(_base.pad(g)[0], max_steps=max_steps)[:t]
-    alpha = solve() if every == 1 else lax.cond(state.step % every == 0, solve, lambda: prev)
+    if every == 1:
+      alpha = nash_alpha(_base.pad(g)[0], max_steps=max_steps)[: g.shape[0]]
+    else:
+      alpha = _solve_every(g, prev, state.step % every == 0, max_steps=max_steps)
     w = alpha
     if max_norm > 0:
       norm = jnp.sqrt(jnp.maximum(jnp.dot(alpha, jnp.matmul(g, alpha, precision="highest")), 0))

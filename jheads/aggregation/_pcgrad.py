@@ -21,6 +21,7 @@ class PCGradState(NamedTuple):
   key: jax.Array
 
 
+@jax.jit
 def pcgrad_weights(g, mask, orders):
   """PCGrad's weights given each head's projection order.
 

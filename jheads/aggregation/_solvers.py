@@ -185,20 +185,29 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2, 
         "bir,bis->brs", cols, prod[:, :, :block], precision=_HI
     )
     # Sequential bordering inside the block (Gaussian elimination of the
-    # Schur complement): skipped candidates (invalid, or a pivot at the
-    # rounding level: dependent on the passive heads) leave the rest intact.
-    coefs = []
-    zs = [z[:, :, i] for i in range(block)]
-    rows = [schur[:, i, :] for i in range(block)]
-    for i in range(block):
-      piv = rows[i][:, i]
-      ok = valid[:, i] & (piv > pivot_tol)
+    # Schur complement, a rolled loop): skipped candidates (invalid, or a
+    # pivot at the rounding level: dependent on the passive heads) leave the
+    # rest intact.
+    eye_b = jnp.eye(block, dtype=dtype)
+
+    def eliminate(i, carry):
+      zz, sc, cf = carry
+      ei = eye_b[i]
+      piv = jnp.einsum("brs,r,s->b", sc, ei, ei)
+      ok = jnp.einsum("br,r->b", valid.astype(dtype), ei) > 0
+      ok &= piv > pivot_tol
       inv = jnp.where(ok, 1 / jnp.where(ok, piv, 1), 0)
-      coefs.append(inv)
-      for l in range(i + 1, block):
-        f = (rows[l][:, i] * inv)[:, None]
-        zs[l] = zs[l] - f * zs[i]
-        rows[l] = rows[l] - f * rows[i]
+      later = (jnp.arange(block) > i).astype(dtype)
+      f = jnp.einsum("brs,s->br", sc, ei) * inv[:, None] * later  # [B, block]
+      zi = jnp.einsum("bmr,r->bm", zz, ei)
+      zz = zz - zi[:, :, None] * f[:, None, :]
+      row_i = jnp.einsum("brs,r->bs", sc, ei)
+      sc = sc - f[:, :, None] * row_i[:, None, :]
+      return zz, sc, cf + inv[:, None] * ei
+
+    z, _, coefs = lax.fori_loop(0, block, eliminate, (z, schur, jnp.zeros((nb, block), dtype)))
+    zs = [z[:, :, i] for i in range(block)]
+    coefs = [coefs[:, i] for i in range(block)]
     entered = jnp.stack(coefs, axis=1) != 0
     can_enter = jnp.any(entered, axis=1)
 
@@ -403,23 +412,32 @@ def nash_newton(corr, *, max_steps, reg):
   # Start on the ray of ones at its exact minimiser: t* = sqrt(T / 1'C1).
   a0 = ones * jnp.sqrt(t / jnp.maximum(jnp.sum(c), eps))
 
+  abs_c = jnp.abs(c)
+
   def body(carry):
     a, _, k = carry
     g = _mv(c, a) - 1 / a
     hess = c + jnp.diag(1 / a**2)
     chol = jnp.linalg.cholesky(hess)
     d = -jax.scipy.linalg.cho_solve((chol, True), g)
-    lam2 = jnp.maximum(-jnp.dot(g, d), 0)
-    lam = jnp.sqrt(lam2)
+    lam = jnp.sqrt(jnp.maximum(-jnp.dot(g, d), 0))
     step = jnp.where(lam < 0.25, 1.0, 1 / (1 + lam))
     a_new = a + step * d
     # Guard against rounding pushing a component to 0 or below.
     a_new = jnp.where(a_new > 0, a_new, 0.5 * a)
-    return a_new, lam2, k + 1
+    # Pareto-stationary heads: a grows until the Hessian is singular to
+    # rounding; stop there, finite.
+    ok = jnp.all(jnp.isfinite(a_new))
+    a_new = jnp.where(ok, a_new, a)
+    # Converged when every a_i (C a)_i - 1 is at its rounding level.
+    ca = _mv(c, a_new)
+    noise = 8 * eps * (1 + a_new * _mv(abs_c, a_new))
+    done = ~ok | jnp.all(jnp.abs(a_new * ca - 1) <= noise)
+    return a_new, done, k + 1
 
   def cond(carry):
-    _, lam2, k = carry
-    return (lam2 > 16 * t * eps) & (k < max_steps)
+    _, done, k = carry
+    return ~done & (k < max_steps)
 
-  a, _, _ = lax.while_loop(cond, body, (a0, jnp.asarray(jnp.inf, dtype), jnp.int32(0)))
+  a, _, _ = lax.while_loop(cond, body, (a0, jnp.bool_(False), jnp.int32(0)))
   return a

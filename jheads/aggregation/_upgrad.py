@@ -34,6 +34,7 @@ def dual_cone_weights(g, u, norm_eps, reg_eps):
   return (u2 + _solvers.nonneg_qp(gh, q)).reshape(u.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("norm_eps", "reg_eps"))
 def upgrad_core(g, mask, pref, *, norm_eps, reg_eps):
   """UPGrad's weights on a padded Gramian (`mask`: the real heads; `pref` 0 off them)."""
   del mask  # a padding head has u = 0: its QP is trivial and it never enters another
