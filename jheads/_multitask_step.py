@@ -27,8 +27,11 @@ The Jacobian is taken one of two ways (`jacobian=`):
   `x' dY_i`, from each layer's input `x` and the per-head cotangents `dY_i`
   of its output, which one vmapped backward pass through the activations
   gives without forming any weight gradient; each such product is one large
-  matrix product, in the layout the Gramian wants. This is torchjd's
-  autogram idea, found in the traced program rather than in module hooks.
+  matrix product, in the layout the Gramian wants. The idea is that of
+  torchjd's autogram engine (per-layer work from activations and output
+  cotangents), found in the traced program rather than in module hooks;
+  the rows are kept, since the update combines them anyway and psums of
+  them (never of Gramians) are what many devices need.
   Every other parameter (biases, norms, embeddings, anything inside a loop
   or a custom derivative) is differentiated directly in the same backward
   pass. The result is the same Jacobian, to float rounding.
@@ -241,15 +244,24 @@ class Linearized(NamedTuple):
   Attributes:
     losses: the `[T]` loss vector (this shard's shares under an axis).
     aux: the forward pass's auxiliary output (the logits).
-    jacobian: `[T, T] cotangents -> list of [T, *leaf] rows` of the shared
-      leaves, one row per cotangent.
+    jacobian: `[T, T] cotangents -> list of [T, ...] rows` of the shared
+      leaves, one row per cotangent, each in the layout `layouts` says.
     other: `[T] cotangent -> gradients of the other leaves`.
+    layouts: per shared leaf, None when its rows are `[T, *leaf.shape]`,
+      else a function taking `[n, ...]` rows to `[n, *leaf.shape]` (filled
+      in when `jacobian` is traced).
   """
 
   losses: jax.Array
   aux: Any
   jacobian: Callable[[jax.Array], list[jax.Array]]
   other: Callable[[jax.Array], list[jax.Array]]
+  layouts: list[Any] | None = None
+
+  def to_leaves(self, rows: Sequence[jax.Array]) -> list[jax.Array]:
+    """`[n, ...]` rows (or updates with a leading axis) in the leaves' own layouts."""
+    layouts = self.layouts or [None] * len(rows)
+    return [r if f is None else f(r) for r, f in zip(rows, layouts)]
 
 
 def linearize(
@@ -470,32 +482,49 @@ def _linearize_layers(fn, shared, other, axis_name) -> Linearized:
       tapped_fn, taps, [shared[i] for i in direct], other, has_aux=True
   )
 
+  counts = {leaf: sum(u.leaf == leaf for u in uses) for leaf in tapped}
+  layouts: list[Any] = [None] * len(shared)
+
   def rows_of(cotangents):
     d_taps, d_direct, _ = jax.vmap(vjp)(cotangents)
     rows: list[Any] = [None] * len(shared)
     for i, row in zip(direct, d_direct):
       rows[i] = row
     for use, x, d_out in zip(uses, inputs, d_taps):
-      contribution = _dense_rows(use, x, d_out, shared[use.leaf])
-      rows[use.leaf] = contribution if rows[use.leaf] is None else rows[use.leaf] + contribution
+      contribution, to_leaf = _dense_rows(use, x, d_out, jnp.result_type(shared[use.leaf]))
+      if counts[use.leaf] == 1:
+        rows[use.leaf], layouts[use.leaf] = contribution, to_leaf
+      else:  # a tied parameter: its uses' rows add up in its own layout
+        contribution = to_leaf(contribution)
+        rows[use.leaf] = contribution if rows[use.leaf] is None else rows[use.leaf] + contribution
     return rows
 
   row_bytes = sum(_nbytes(leaf) for leaf in shared) + sum(
       np.prod(use.out_aval.shape) * np.dtype(use.out_aval.dtype).itemsize for use in uses
   )
-  jacobian = _chunked(rows_of, row_bytes)
-
   return Linearized(
-      losses=losses, aux=aux, jacobian=jacobian, other=lambda cotangent: vjp(cotangent)[2]
+      losses=losses,
+      aux=aux,
+      jacobian=_chunked(rows_of, row_bytes),
+      other=lambda cotangent: vjp(cotangent)[2],
+      layouts=layouts,
   )
 
 
-def _dense_rows(use: _DenseUse, x: jax.Array, d_out: jax.Array, param: Any) -> jax.Array:
-  """Per-row gradients of the parameter of `y = dot_general(x, W)`: `[T, *W.shape]`.
+def _dense_rows(use: _DenseUse, x: jax.Array, d_out: jax.Array, dtype: Any):
+  """Per-row gradients of the parameter of `y = dot_general(x, W)`, and how to lay them out.
 
   `d_out` is `[T, *y.shape]`. The parameter's gradient contracts `x` and each
   row of `d_out` over `x`'s free dimensions, which lead (`dot(x, W)`) or
-  trail (`dot(W, x)`) in `y`: one matrix product for all rows.
+  trail (`dot(W, x)`) in `y`: one matrix product for all rows. Its output
+  keeps `y`'s order (`W`'s free dimensions, then its contracted ones), the
+  product XLA runs fastest; the Gramian does not see the order, and the
+  returned `to_leaf` moves only what needs the parameter's own layout (the
+  combined update, or the rows for an aggregator without weights).
+
+  Returns:
+    `(rows, to_leaf)`: rows `[T, *internal]` in `dtype`, and `to_leaf`,
+    mapping `[n, *internal]` to `[n, *leaf.shape]`.
   """
   (lhs_contract, rhs_contract), _ = use.dimension_numbers
   if use.param_operand == 1:
@@ -524,20 +553,26 @@ def _dense_rows(use: _DenseUse, x: jax.Array, d_out: jax.Array, param: Any) -> j
   ]
   for pos, wd in zip(w_free_positions, w_free):
     y_letters[pos] = w_letters[wd]
-  spec = f"{''.join(y_letters)},{''.join(x_letters)}->{row}{''.join(w_letters)}"
+  order = [*w_free, *w_contract]  # internal axis j is W's axis order[j]
+  spec = f"{''.join(y_letters)},{''.join(x_letters)}->{row}{''.join(w_letters[d] for d in order)}"
   rows = jnp.einsum(
       spec, d_out, x, precision=use.precision,
       preferred_element_type=use.preferred_element_type, out_sharding=replicated_out(d_out, x),
-  )
-  for name, params, in_aval in reversed(use.views):
-    if name == "transpose":
-      inverse = np.argsort(params["permutation"])
-      rows = jnp.transpose(rows, (0, *(1 + inverse)))
-    elif name == "reshape":
-      rows = rows.reshape((rows.shape[0], *in_aval.shape))
-    else:
-      rows = rows.astype(in_aval.dtype)
-  return rows.astype(jnp.result_type(param))
+  ).astype(dtype)
+  views = use.views
+
+  def to_leaf(r):
+    r = jnp.transpose(r, (0, *(1 + np.argsort(order))))
+    for name, params, in_aval in reversed(views):
+      if name == "transpose":
+        r = jnp.transpose(r, (0, *(1 + np.argsort(params["permutation"]))))
+      elif name == "reshape":
+        r = r.reshape((r.shape[0], *in_aval.shape))
+      else:
+        r = r.astype(in_aval.dtype)
+    return r.astype(dtype)
+
+  return rows, to_leaf
 
 
 # ----------------------------------------------------------------------------
@@ -625,15 +660,24 @@ def _scaled(hw, losses):
   return jnp.where(hw == 0, jnp.zeros_like(losses), hw * losses)
 
 
-def _aggregate(aggregator, rows, aggregator_state, losses, applied, gramian_fn=gramian):
-  """`(combined rows, aggregator state, head weights reported)`."""
+def _aggregate(
+    aggregator, rows, aggregator_state, losses, applied, *, to_leaves=list, gramian_fn=gramian
+):
+  """`(combined rows, aggregator state, head weights reported)`.
+
+  `to_leaves` lays rows (or one combined row, with a leading axis) out as
+  the leaves are: the Gramian and the combination do not need it.
+  """
   if aggregator.weights is not None:
     weights, aggregator_state = aggregator.weights(
         gramian_fn(rows), aggregator_state, losses=losses
     )
-    return combine(weights, rows), aggregator_state, applied * weights.astype(applied.dtype)
+    combined = [c[0] for c in to_leaves([c[None] for c in combine(weights, rows)])]
+    return combined, aggregator_state, applied * weights.astype(applied.dtype)
   # The rows as a list of leaves: aggregators work leaf by leaf.
-  combined, aggregator_state = aggregator.update(list(rows), aggregator_state, losses=losses)
+  combined, aggregator_state = aggregator.update(
+      list(to_leaves(rows)), aggregator_state, losses=losses
+  )
   return list(combined), aggregator_state, None
 
 
@@ -728,7 +772,7 @@ def make_step(
     if aggregator is not None:
       rows = _psum(lin.jacobian(per_shard(jnp.diag(weighed.applied), axis_name)), axis_name)
       shared_grads, aggregator_state, reported = _aggregate(
-          aggregator, rows, aggregator_state, losses, weighed.applied
+          aggregator, rows, aggregator_state, losses, weighed.applied, to_leaves=lin.to_leaves
       )
     return _finish(
         head, names, optimizer, regularization_fn, with_metrics, axis_name, weighting,
