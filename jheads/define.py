@@ -6,7 +6,9 @@ and gives back a `jheads.Head` with everything built-in heads have: example
 weights, the four loss reductions, masks and missing labels, value checks
 (also under jit, in the step builders), grouping of like heads in
 `multi_head`, `axis_name` for pmap and shard_map, streaming metrics and
-export. The built-in heads are built the same way.
+export. The regression family (`regression_head`, `poisson_regression_head`,
+`logistic_regression_head`) is defined with it; the other built-in heads
+use the same kernel builder, `jheads.base.standard_kernel`.
 
 Example: a quantile (pinball loss) regression head with coverage metrics.
 
@@ -80,6 +82,8 @@ def define_head(
     n_classes: int | None = None,
     label_vocabulary: tuple[str, ...] | list[str] | None = None,
     thresholds: tuple[float, ...] = (),
+    loss_fn: Callable[..., Any] | None = None,
+    logits_checks: Callable[[jax.Array], dict[str, checks.ValueCheck]] | None = None,
 ) -> base.Head:
   """A head of a new kind, from its math alone.
 
@@ -126,6 +130,12 @@ def define_head(
       names, `encode_labels`).
     label_vocabulary: class names of a classification kind.
     thresholds: decision thresholds the kind's statistics use.
+    loss_fn: a user's own unreduced loss `loss_fn(labels, logits[,
+      features])` replacing `loss`, as every built-in head offers; heads with
+      one are never grouped.
+    logits_checks: `logits -> {problem: jheads.checks.ValueCheck}`, value
+      checks on logits beyond finiteness (pure and vmappable), e.g. an
+      `exp` that would overflow.
 
   Returns:
     A `jheads.Head`.
@@ -172,12 +182,15 @@ def define_head(
       unreduced_loss=unreduced_loss,
       statistics=statistics or default_statistics,
       predictions=predictions,
+      custom_loss_fn=loss_fn,
+      logits_check=logits_checks,
       static_options=(
           options,
           function_key(loss),
           function_key(statistics),
           function_key(predictions),
           function_key(serving),
+          function_key(logits_checks),
       ),
   )
   return base.make_head(config, kernel)

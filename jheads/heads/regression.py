@@ -17,6 +17,7 @@ import optax
 
 from jheads import base
 from jheads import checks
+from jheads import define
 from jheads import metrics as metrics_lib
 
 REGRESSION = "regression"
@@ -325,15 +326,6 @@ def _regression(
   ):
     raise ValueError(f"{where}: label_dimension must be an int >= 1, got {label_dimension!r}.")
   label_dimension = int(label_dimension)
-  config = base.HeadConfig(
-      kind=kind,
-      name=name,
-      logits_dim=label_dimension,
-      loss_reduction=base.loss_reduction_from(loss_reduction, where),
-      weight_column=weight_column,
-      mask_column=checks.check_mask_column(where, mask_column),
-      missing_label=checks.check_missing_label(where, missing_label),
-  )
 
   def predictions(logits: jax.Array) -> dict[str, jax.Array]:
     if inverse_link_fn is None:
@@ -364,17 +356,23 @@ def _regression(
 
     return {spec.key: statistic(spec) for spec in specs}
 
-  kernel = base.standard_kernel(
-      config,
+  # The regression family is defined through the public head API.
+  return define.define_head(
+      kind,
+      logits_dim=label_dimension,
+      loss=lambda logits, labels: default_loss(base.Batch(logits, labels, None)),
+      predictions=predictions,
+      statistics=statistics,
       label_dim=label_dimension,
       loss_dim=label_dimension,
+      labels=label_rule,
+      options=(inverse_link_fn, specs, *static_options),
+      name=name,
+      weight_column=weight_column,
+      mask_column=mask_column,
+      missing_label=missing_label,
+      loss_reduction=loss_reduction,
       per_logit_weights=True,
-      label_rule=label_rule,
-      unreduced_loss=default_loss,
-      statistics=statistics,
-      predictions=predictions,
-      custom_loss_fn=custom_loss_fn,
-      static_options=(inverse_link_fn, specs, *static_options),
-      logits_check=logits_check,
+      loss_fn=custom_loss_fn,
+      logits_checks=logits_check,
   )
-  return base.make_head(config, kernel)
