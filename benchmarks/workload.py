@@ -10,7 +10,7 @@ metrics measure learning:
 | head | kind | labels |
 | --- | --- | --- |
 | click | binary | Bernoulli(sigmoid(teacher)) |
-| conversion | binary, masked to clicked rows (`mask_column`) | Bernoulli(sigmoid(teacher)) where clicked, else 0 (and masked) |
+| conversion | binary, masked to clicked rows | Bernoulli(sigmoid(teacher)) if clicked, else 0 |
 | dwell | regression | teacher + N(0, 0.5^2) |
 | category | 20-class softmax | a draw from softmax(teacher) |
 | tags | 10-tag multi-label | independent Bernoulli(sigmoid(teacher)) |
@@ -321,7 +321,9 @@ def jheads_flat_metrics_train_step(head: jheads.MultiHead | None = None) -> Call
   return step
 
 
-def flat_statistics(head: jheads.MultiHead, features: Any, labels: Any) -> tuple[jax.Array, Callable]:
+def flat_statistics(
+    head: jheads.MultiHead, features: Any, labels: Any
+) -> tuple[jax.Array, Callable]:
   """Zero flat running statistics and `flat -> statistics pytree`."""
   return ravel_pytree(zero_statistics(head, features, labels))
 
@@ -385,7 +387,9 @@ def trunk_train_step() -> Callable:
   return step
 
 
-JAX_CONTENDERS = ("jheads", "jheads_numpy", "jheads_metrics", "jheads_metrics_flat", "hand", "trunk")
+JAX_CONTENDERS = (
+    "jheads", "jheads_numpy", "jheads_metrics", "jheads_metrics_flat", "hand", "trunk"
+)
 
 
 class JaxContender:
@@ -815,7 +819,8 @@ def breakdown_blocks(train: Split, calls: int) -> dict[str, Callable[[], float]]
         (logits,), calls,
     )
   blocks["dispatch/step_signature"] = _timed_calls(
-      jax.jit(lambda p, o, f, l: (p, o, jnp.zeros(()))), (params, adam.init(params), features, labels),
+      jax.jit(lambda p, o, f, l: (p, o, jnp.zeros(()))),
+      (params, adam.init(params), features, labels),
       calls,
   )
   eval_step = jax.jit(training.make_eval_step(head, apply_fn))
@@ -888,6 +893,12 @@ _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 
 
+_NOTABLE_IN_FUSIONS = frozenset({
+    "dot", "scatter", "gather", "reduce", "reduce-window", "exponential", "log", "select",
+    "compare", "sort",
+})
+
+
 def hlo_sources(text: str) -> tuple[dict[str, list[str]], dict[str, str]]:
   """Where each top-level instruction of a compiled module comes from.
 
@@ -935,7 +946,8 @@ def hlo_sources(text: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     function = tables["FunctionNames"][field(loc, "function_name_id")].strip('"')
     for marker in ("/jheads/", "/benchmarks/", "site-packages/"):
       if marker in path:
-        path = (marker.strip("/") + "/" if marker != "site-packages/" else "") + path.split(marker, 1)[1]
+        prefix = "" if marker == "site-packages/" else marker.strip("/") + "/"
+        path = prefix + path.split(marker, 1)[1]
         break
     return f"{path}:{field(loc, 'line')} {function.split('.<locals>.')[-1]}"
 
@@ -954,9 +966,8 @@ def hlo_sources(text: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     sources[name] = [location(f) for f in frames]
     if calls:
       inner = {op for _, op, _, _ in computations.get(calls, [])} - {"parameter", "constant"}
-      opcode = "fusion:" + ",".join(sorted(inner & {"dot", "scatter", "gather", "reduce",
-                                                      "reduce-window", "exponential", "log",
-                                                      "select", "compare", "sort"}) or ["elementwise"])
+      notable = sorted(inner & _NOTABLE_IN_FUSIONS) or ["elementwise"]
+      opcode = "fusion:" + ",".join(notable)
     opcodes[name] = opcode
   return sources, opcodes
 
@@ -1169,7 +1180,7 @@ def breakdown(settings: Settings, train: Split, report: dict[str, Any], keras: b
       ["opcode"] + list(census),
       [[op] + [str(census[c].get(op, 0)) for c in census] for op in ops],
   )
-  epochs = {"jheads": JaxContender("jheads", train), "jheads_numpy": JaxContender("jheads_numpy", train)}
+  epochs = {name: JaxContender(name, train) for name in ("jheads", "jheads_numpy")}
   if keras:
     epochs["keras"] = KerasContender(train, with_metrics=True)
     epochs["keras_no_metrics"] = KerasContender(train, with_metrics=False)
@@ -1302,7 +1313,9 @@ def speed(settings, train, report, keras, tf_python, problem_path, estimator_run
       "cpu_jheads_over_hand": paired_ratio(cpu["jheads"], cpu["hand"]),
       "cpu_jheads_over_trunk": paired_ratio(cpu["jheads"], cpu["trunk"]),
       "cpu_jheads_metrics_over_jheads": paired_ratio(cpu["jheads_metrics"], cpu["jheads"]),
-      "cpu_jheads_metrics_flat_over_jheads": paired_ratio(cpu["jheads_metrics_flat"], cpu["jheads"]),
+      "cpu_jheads_metrics_flat_over_jheads": paired_ratio(
+          cpu["jheads_metrics_flat"], cpu["jheads"]
+      ),
   }
   if keras:
     ratios["keras_over_jheads_metrics"] = paired_ratio(times["keras"], times["jheads_metrics"])
@@ -1313,10 +1326,14 @@ def speed(settings, train, report, keras, tf_python, problem_path, estimator_run
         times["keras_no_metrics"], times["jheads_numpy"]
     )
     ratios["cpu_keras_over_jheads_metrics"] = paired_ratio(cpu["keras"], cpu["jheads_metrics"])
-    ratios["keras_over_jheads_metrics_flat"] = paired_ratio(times["keras"], times["jheads_metrics_flat"])
+    ratios["keras_over_jheads_metrics_flat"] = paired_ratio(
+        times["keras"], times["jheads_metrics_flat"]
+    )
     ratios["cpu_keras_over_jheads_metrics_flat"] = paired_ratio(
         cpu["keras"], cpu["jheads_metrics_flat"])
-    ratios["cpu_keras_no_metrics_over_jheads"] = paired_ratio(cpu["keras_no_metrics"], cpu["jheads"])
+    ratios["cpu_keras_no_metrics_over_jheads"] = paired_ratio(
+        cpu["keras_no_metrics"], cpu["jheads"]
+    )
   if tf_python is not None:
     # A subprocess cannot interleave step by step: alternate jheads epochs
     # with whole Estimator runs, each timed per step by a hook.
