@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# Minutes of compilation on a 2-core CPU: run with `-m slow`.
+pytestmark = pytest.mark.slow
+
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "mtl_toy.py"
 _spec = importlib.util.spec_from_file_location("mtl_toy", EXAMPLE)
 toy = importlib.util.module_from_spec(_spec)
