@@ -90,9 +90,9 @@ METHODS = {
     "cagrad": (lambda g, m, p: _cagrad.cagrad_core(g, m, c=0.5, norm_eps=1e-4), None),
     "cagrad_c0.25": (lambda g, m, p: _cagrad.cagrad_core(g, m, c=0.25, norm_eps=1e-4), None),
     "imtl_g": (lambda g, m, p: _imtl_g.imtl_g_core(g, m), None),
-    "aligned_mtl": (functools.partial(_aligned_mtl.aligned_mtl_core, scale_mode="min"), "mean"),
-    "aligned_mtl_median": (functools.partial(_aligned_mtl.aligned_mtl_core, scale_mode="median"), "mean"),
-    "aligned_mtl_rmse": (functools.partial(_aligned_mtl.aligned_mtl_core, scale_mode="rmse"), "mean"),
+    "aligned_mtl": (functools.partial(_aligned_mtl.aligned_mtl_core, scale_mode=0), "mean"),
+    "aligned_mtl_median": (functools.partial(_aligned_mtl.aligned_mtl_core, scale_mode=1), "mean"),
+    "aligned_mtl_rmse": (functools.partial(_aligned_mtl.aligned_mtl_core, scale_mode=2), "mean"),
     "config": (_config.config_core, "ones"),
     "nash_mtl": (lambda g, m, p: _nash_mtl.nash_alpha(g, max_steps=40), None),
 }

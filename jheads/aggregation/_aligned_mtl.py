@@ -13,23 +13,25 @@ from jheads.aggregation import _base
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-@functools.partial(jax.jit, static_argnames=("scale_mode",))
-def aligned_mtl_core(g, mask, pref, *, scale_mode):
-  """Aligned-MTL's weights on a padded Gramian (`pref` 0 off the real heads)."""
+@jax.jit
+def aligned_mtl_core(g, mask, pref, scale_mode):
+  """Aligned-MTL's weights on a padded Gramian (`pref` 0 off the real heads).
+
+  `scale_mode` is the index in `_SCALE_MODES`, traced: one compilation
+  serves the three modes.
+  """
   t = g.shape[0]
   lam, v = jnp.linalg.eigh(g)  # ascending; padding adds zero eigenvalues, never kept
   tol = jnp.max(lam) * jnp.sum(mask) * jnp.finfo(g.dtype).eps
   keep = lam > tol
   rank = jnp.sum(keep)
   inv_sqrt = jnp.where(keep, 1 / jnp.sqrt(jnp.where(keep, lam, 1)), 0)
-  if scale_mode == "min":
-    scale = jnp.min(jnp.where(keep, lam, jnp.inf))
-  elif scale_mode == "median":
-    # The kept eigenvalues are the top `rank` of the ascending order;
-    # torch.median takes the lower of two middle values.
-    scale = lam[jnp.clip(t - rank + (rank - 1) // 2, 0, t - 1)]
-  else:
-    scale = jnp.sum(jnp.where(keep, lam, 0)) / jnp.maximum(rank, 1)
+  smallest = jnp.min(jnp.where(keep, lam, jnp.inf))
+  # The kept eigenvalues are the top `rank` of the ascending order;
+  # torch.median takes the lower of two middle values.
+  median = lam[jnp.clip(t - rank + (rank - 1) // 2, 0, t - 1)]
+  mean = jnp.sum(jnp.where(keep, lam, 0)) / jnp.maximum(rank, 1)
+  scale = jnp.select([scale_mode == 0, scale_mode == 1], [smallest, median], mean)
   scale = jnp.where(rank > 0, scale, 1)
   b = jnp.sqrt(scale) * jnp.matmul(v * inv_sqrt, v.T, precision="highest")
   b = jnp.where(rank > 0, b, jnp.eye(t, dtype=g.dtype))
@@ -79,7 +81,7 @@ def aligned_mtl(
     _base.check_length(pref, "pref_vector", n_heads, where)
     return optax.EmptyState()
 
-  core = functools.partial(aligned_mtl_core, scale_mode=scale_mode)
+  core = functools.partial(aligned_mtl_core, scale_mode=_SCALE_MODES.index(scale_mode))
 
   def weights(gramian, state, *, losses=None):
     del losses
