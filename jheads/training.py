@@ -328,6 +328,12 @@ def make_train_step(
       backward pass over the heads for all of them. Both give the same
       Jacobian to float rounding; "layers" is faster on dense models. On
       CPU the heads' backward passes run in cache-sized chunks.
+    checks: trace the heads' value checks into the step (label ranges,
+      finite logits, labels and weights, ...), functionalized with checkify:
+      the outputs raise `jheads.checks.ValueCheckError` when read on the host
+      (`out.loss`, `metrics.compute` of eval statistics, predictions'
+      items). `False` leaves them out at no cost; a step to be `jax.vmap`-ed
+      as a whole (an ensemble) must be built without them.
 
   Returns:
     The train step, unjitted. `head_weights` (`[n_heads]`) overrides a

@@ -169,7 +169,8 @@ class TiedModel(linen.Module):
     x = x * scale  # not a product: differentiated directly
     carry_w = self.param("carry_w", linen.initializers.normal(0.3), (8, 8))
     x, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ carry_w), None), x, None, length=2)
-    x = jax.jit(lambda a, w: jnp.sin(a @ w))(x, self.param("jitted", linen.initializers.normal(0.3), (8, 8)))
+    jitted = self.param("jitted", linen.initializers.normal(0.3), (8, 8))
+    x = jax.jit(lambda a, w: jnp.sin(a @ w))(x, jitted)  # inside a nested jit
     return linen.Dense(HEAD.logits_dim)(x)
 
 
@@ -204,9 +205,11 @@ def test_jacobian_rows_are_the_per_head_gradients(jacobian, chunked, monkeypatch
     plan = _multitask_step._analyze(
         closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])}, bad
     )
-    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+    paths = jax.tree_util.tree_flatten_with_path(variables)[0]
+    names = [jax.tree_util.keystr(path) for path, _ in paths]
     tapped = {names[u.leaf] for u in _multitask_step._tapped_uses(plan, bad)}
-    assert tapped == {n for n in names if "kernel" in n or n.split("'")[-2] in ("w_left", "tied", "jitted")}
+    products = ("w_left", "tied", "jitted")
+    assert tapped == {n for n in names if "kernel" in n or n.split("'")[-2] in products}
 
 
 def test_weighting_alone_is_one_backward_pass_of_its_objective(batches):
@@ -219,7 +222,8 @@ def test_weighting_alone_is_one_backward_pass_of_its_objective(batches):
   new_params, new_state, out = step(params, state, features, labels)
 
   def objective(p):
-    return uw.loss(DEFAULT_WEIGHTS * loss_vector(p, features, labels), state.weighting_state) + l2(p)
+    losses = DEFAULT_WEIGHTS * loss_vector(p, features, labels)
+    return uw.loss(losses, state.weighting_state) + l2(p)
 
   grads = jax.grad(objective)(params)
   assert max_abs_diff(new_params, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)) < 1e-6
@@ -291,7 +295,11 @@ def test_shared_masks_prefix_callable_and_full_tree_agree(batches):
   results = []
   for shared in (TRUNK_ONLY, lambda p: {"trunk": True, "heads": False}, full):
     state = training.init_train_state(HEAD, tx, params, aggregator=aggregation.upgrad())
-    step = jax.jit(training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), shared=shared))
+    step = jax.jit(
+        training.make_train_step(
+            HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), shared=shared
+        )
+    )
     results.append(step(params, state, features, labels)[0])
   assert max_abs_diff(results[0], results[1]) == 0.0
   assert max_abs_diff(results[0], results[2]) == 0.0
@@ -337,10 +345,11 @@ def test_famo_sees_the_batch_again_under_the_new_parameters(batches):
     calls.append(1)
     return apply_fn(params, features)
 
-  state = training.init_train_state(HEAD, tx, params, weighting=famo, aggregator=aggregation.upgrad())
+  agg = aggregation.upgrad()
+  state = training.init_train_state(HEAD, tx, params, weighting=famo, aggregator=agg)
   step = jax.jit(
       training.make_train_step(
-          HEAD, counting_apply_fn, tx, weighting=famo, aggregator=aggregation.upgrad(), shared=TRUNK_ONLY
+          HEAD, counting_apply_fn, tx, weighting=famo, aggregator=agg, shared=TRUNK_ONLY
       )
   )
   new_params, new_state, _ = step(params, state, features, labels)
@@ -352,10 +361,9 @@ def test_famo_sees_the_batch_again_under_the_new_parameters(batches):
   # Without FAMO, one forward pass.
   calls.clear()
   uw = weighting.uncertainty()
-  jax.jit(training.make_train_step(HEAD, counting_apply_fn, tx, weighting=uw, aggregator=aggregation.upgrad()))(
-      params, training.init_train_state(HEAD, tx, params, weighting=uw, aggregator=aggregation.upgrad()),
-      features, labels,
-  )
+  step = training.make_train_step(HEAD, counting_apply_fn, tx, weighting=uw, aggregator=agg)
+  state = training.init_train_state(HEAD, tx, params, weighting=uw, aggregator=agg)
+  jax.jit(step)(params, state, features, labels)
   assert len(calls) == 1
 
 
@@ -394,7 +402,9 @@ def test_configuration_errors(batches):
       ({"trunk": True}, "prefix"),
       ({"trunk": False, "heads": False}, "selects no parameter"),
   ]:
-    step = training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), shared=shared)
+    step = training.make_train_step(
+        HEAD, apply_fn, tx, aggregator=aggregation.upgrad(), shared=shared
+    )
     with pytest.raises(ValueError, match=match):
       step(params, state, features, labels)
   step = training.make_train_step(HEAD, apply_fn, tx, aggregator=aggregation.upgrad())
@@ -407,7 +417,10 @@ def test_configuration_errors(batches):
 def test_step_vmaps_over_an_ensemble(batches):
   tx = optax.adam(1e-2)
   agg = aggregation.upgrad()
-  step = training.make_train_step(HEAD, apply_fn, tx, aggregator=agg, shared=TRUNK_ONLY)
+  # checkify's functionalized checks do not vmap over a whole step: build it without them.
+  step = training.make_train_step(
+      HEAD, apply_fn, tx, aggregator=agg, shared=TRUNK_ONLY, checks=False
+  )
   members = [init_params(jax.random.key(k)) for k in (10, 11)]
   states = [training.init_train_state(HEAD, tx, p, aggregator=agg) for p in members]
   stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
@@ -466,7 +479,9 @@ needs_eight_devices = pytest.mark.skipif(
 CONFIGS = {
     "upgrad": lambda: dict(aggregator=aggregation.upgrad()),
     "mgda": lambda: dict(aggregator=aggregation.mgda()),
-    "nash+uncertainty": lambda: dict(aggregator=aggregation.nash_mtl(), weighting=weighting.uncertainty()),
+    "nash+uncertainty": lambda: dict(
+        aggregator=aggregation.nash_mtl(), weighting=weighting.uncertainty()
+    ),
     "famo": lambda: dict(weighting=weighting.famo()),
 }
 DEVICE_MODES = ("explicit_mesh", "shard_map", "pmap")
@@ -483,9 +498,11 @@ def builder(representation):
     return lambda **kw: training.make_representation_train_step(
         HEAD, trunk_fn, heads_fn, TX, regularization_fn=l2, **kw
     )
-  return lambda **kw: training.make_train_step(
-      HEAD, apply_fn, TX, regularization_fn=l2, shared=TRUNK_ONLY if "aggregator" in kw else None, **kw
-  )
+  def build(**kw):
+    shared = TRUNK_ONLY if "aggregator" in kw else None
+    return training.make_train_step(HEAD, apply_fn, TX, regularization_fn=l2, shared=shared, **kw)
+
+  return build
 
 
 def distributed(mode, build, config):
@@ -579,7 +596,9 @@ def test_shard_map_psums_the_jacobian_not_gramians(device_batches, monkeypatch):
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Explicit,))
   agg = aggregation.upgrad()
   step = jax.shard_map(
-      training.make_train_step(HEAD, apply_fn, TX, aggregator=agg, shared=TRUNK_ONLY, axis_name="batch"),
+      training.make_train_step(
+          HEAD, apply_fn, TX, aggregator=agg, shared=TRUNK_ONLY, axis_name="batch"
+      ),
       mesh=mesh,
       in_specs=(P(), P(), P("batch"), P("batch"), P()),
       out_specs=P(),
