@@ -105,7 +105,8 @@ def n_heads_of(head: Any) -> int:
 def check_weighting(weighting: Any, where: str) -> None:
   if weighting is None:
     return
-  missing = [f for f in ("init", "loss", "update", "needs_losses_after") if not hasattr(weighting, f)]
+  fields = ("init", "loss", "update", "needs_losses_after")
+  missing = [f for f in fields if not hasattr(weighting, f)]
   if missing or not callable(weighting.loss):
     raise ValueError(
         f"{where}: weighting must be a jheads.weighting.LossWeighting (e.g."
@@ -764,7 +765,9 @@ def make_step(
       logits = apply_fn(parts.merge(shared_leaves, other_leaves), features)
       return losses_of(logits, labels, features, head_weights, axis_name), logits
 
-    lin = linearize(fn, *parts.split(per_shard(params, axis_name)), mode=jacobian, axis_name=axis_name)
+    lin = linearize(
+        fn, *parts.split(per_shard(params, axis_name)), mode=jacobian, axis_name=axis_name
+    )
     losses = _psum(lin.losses, axis_name)
     weighed = _weigh(head, weighting, losses, head_weights, weighting_state, lin.losses.dtype)
     other_grads = _psum(lin.other(per_shard(weighed.applied, axis_name)), axis_name)
