@@ -140,7 +140,7 @@ def train_and_evaluate(train_data, held_out, *, epochs: int, seed: int = 0):
       )
       epoch_losses.append(out.head_losses)
     # An epoch's train loss is the mean of its steps' losses, as TF logs it.
-    train_losses = jax.device_get(jax.tree.map(lambda *x: np.mean(x), *epoch_losses))
+    train_losses = jax.device_get(jax.tree.map(lambda *x: np.mean(np.stack(x), axis=0), *epoch_losses))
     metrics = jax.device_get(compute(eval_step(params, *held_out)))
     for name in HEAD_NAMES:
       curves["train"][name].append(float(train_losses[name]))
