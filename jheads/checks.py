@@ -749,6 +749,31 @@ def is_integer(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+# ----------------------------------------------------------------------------
+# Arguments of the multi-task factories (jheads.weighting, jheads.aggregation).
+
+
+def check_vector(value: ArrayLike, name: str, where: str) -> np.ndarray:
+  """A concrete, finite, non-empty `[T]` vector argument of a factory, as float64 numpy."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{where}: {name} must be concrete (not traced).")
+  try:
+    array = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{where}: {name} must be a vector of numbers, got {value!r}.") from None
+  if array.ndim != 1 or array.size == 0:
+    raise ValueError(f"{where}: {name} must be a non-empty 1-D vector, got shape {array.shape}.")
+  if not np.all(np.isfinite(array)):
+    raise ValueError(f"{where}: {name} must be finite, got {array.tolist()}.")
+  return array
+
+
+def check_length(array: np.ndarray | None, name: str, n_heads: int, where: str) -> None:
+  """Raises unless a factory's `[T]` vector argument has one entry per head."""
+  if array is not None and array.shape[0] != n_heads:
+    raise ValueError(f"{where}: {name} has {array.shape[0]} entries but there are {n_heads} heads.")
+
+
 def check_num_thresholds(where: str, num_thresholds: Any) -> int:
   if not is_integer(num_thresholds) or num_thresholds < 2:
     raise ValueError(f"{where}: num_thresholds must be an int >= 2, got {num_thresholds!r}.")

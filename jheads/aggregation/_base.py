@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 from optax.experimental import aggregating
+from jheads.checks import check_length, check_vector  # noqa: F401  (re-exported)
 
 ArrayLike = jax.typing.ArrayLike
 State = Any
@@ -353,27 +354,6 @@ def check_losses(losses: Any, where: str, n_heads: int) -> jax.Array:
         f"got {losses.dtype}{list(losses.shape)}."
     )
   return losses.astype(solve_dtype())
-
-
-def check_vector(value: ArrayLike, name: str, where: str) -> np.ndarray:
-  """A concrete, finite, non-empty `[T]` vector argument of a factory."""
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(f"{where}: {name} must be concrete (not traced).")
-  try:
-    array = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"{where}: {name} must be a vector of numbers, got {value!r}.") from None
-  if array.ndim != 1 or array.size == 0:
-    raise ValueError(f"{where}: {name} must be a non-empty 1-D vector, got shape {array.shape}.")
-  if not np.all(np.isfinite(array)):
-    raise ValueError(f"{where}: {name} must be finite, got {array.tolist()}.")
-  return array
-
-
-def check_length(array: np.ndarray | None, name: str, n_heads: int, where: str) -> None:
-  """Raises unless a factory's `[T]` vector argument has one entry per head."""
-  if array is not None and array.shape[0] != n_heads:
-    raise ValueError(f"{where}: {name} has {array.shape[0]} entries but there are {n_heads} heads.")
 
 
 def check_real(value: Any, name: str, where: str, *, minimum: float = 0.0, strict: bool = False) -> float:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jheads.checks import check_length, check_vector  # noqa: F401  (re-exported)
 
 ArrayLike = jax.typing.ArrayLike
 State = Any
@@ -103,29 +104,6 @@ def compute_dtype(dtype: Any) -> Any:
   if jnp.issubdtype(dtype, jnp.floating):
     return jnp.promote_types(dtype, jnp.float32)
   return jnp.promote_types(jnp.float32, jnp.result_type(float))
-
-
-def check_vector(value: ArrayLike, name: str, where: str) -> np.ndarray:
-  """A concrete, finite, non-empty `[T]` vector argument of a factory, as float64 numpy."""
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(f"{where}: {name} must be concrete (not traced).")
-  try:
-    array = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"{where}: {name} must be a vector of numbers, got {value!r}.") from None
-  if array.ndim != 1 or array.size == 0:
-    raise ValueError(f"{where}: {name} must be a non-empty 1-D vector, got shape {array.shape}.")
-  if not np.all(np.isfinite(array)):
-    raise ValueError(f"{where}: {name} must be finite, got {array.tolist()}.")
-  return array
-
-
-def check_length(array: np.ndarray | None, name: str, n_heads: int, where: str) -> None:
-  """Raises unless a factory's `[T]` vector argument has one entry per head."""
-  if array is not None and array.shape[0] != n_heads:
-    raise ValueError(
-        f"{where}: {name} has {array.shape[0]} entries but there are {n_heads} heads."
-    )
 
 
 def check_positive(value: Any, name: str, where: str) -> float:
