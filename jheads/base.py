@@ -135,6 +135,10 @@ class Batch(NamedTuple):
       when all do.
     label_present: bool, the labels' shape: which labels take part; None
       when all do.
+    screen: the unreduced loss' shape, 0 where the element's inputs pass
+      the head's value checks and NaN where they fail, or None. Added to the
+      loss before it is summed, so that a finite loss proves the checks
+      passed and the checks cost no pass of their own (`HeadKernel.screens`).
   """
 
   logits: jax.Array
@@ -143,6 +147,7 @@ class Batch(NamedTuple):
   features: Features = None
   present: jax.Array | None = None
   label_present: jax.Array | None = None
+  screen: jax.Array | None = None
 
 
 class LossTerms(NamedTuple):
@@ -181,6 +186,9 @@ class HeadKernel(NamedTuple):
     value_checks: `(logits, labels, row_weights) -> {problem: ValueCheck}`,
       pure and vmappable, or None. The problems are static strings; the
       caller enforces them as `"<head>: <problem>"`.
+    screens: whether `prepare` adds the value checks to the loss as
+      `Batch.screen` when checks are on, so that a caller may enforce them
+      only when a loss comes out non-finite (they cost nothing otherwise).
   """
 
   get_weights: Callable[[Features], Any]
@@ -192,6 +200,7 @@ class HeadKernel(NamedTuple):
   predictions: Callable[[Any], dict[str, jax.Array]]
   group_key: Hashable | None
   value_checks: Callable[..., dict[str, checks.ValueCheck]] | None = None
+  screens: bool = False
 
 
 def check_inputs(kernel: HeadKernel, where: str, logits: Any, labels: Any, row_weights: Any) -> None:
@@ -329,6 +338,7 @@ def loss_terms(
     weights: jax.Array,
     reduction: LossReduction,
     present: jax.Array | None = None,
+    screen: jax.Array | None = None,
 ) -> LossTerms:
   """The weighted sum of `losses` and the denominator its reduction divides by.
 
@@ -339,10 +349,13 @@ def loss_terms(
     present: bool, `losses`' shape: the elements that take part, or None for
       all. Absent elements add nothing, whatever their loss, and are not
       counted by `sum_over_batch_size`.
+    screen: optionally, `Batch.screen`: 0, or NaN where a value check fails.
   """
   weighted = weights * losses
   if present is not None:
     weighted = jnp.where(present, weighted, 0.0)
+  if screen is not None:
+    weighted = weighted + screen
   total = jnp.sum(weighted)
   if reduction == LossReduction.SUM:
     return LossTerms(total, None)
@@ -417,10 +430,25 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
 
   def loss_fn(logits, labels, features=None, *, axis_name=None):
     weights = kernel.get_weights(features)
-    check_inputs(kernel, where, logits, labels, weights)
+    # Staged checks of a screened head ride on its loss: checked in full
+    # only when the loss comes out non-finite.
+    deferred = kernel.screens and checks.deferrable(logits, labels, weights)
+    if deferred:
+      kernel.validate(logits, labels, weights)
+    else:
+      check_inputs(kernel, where, logits, labels, weights)
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
     loss = reduce_loss(kernel.loss_terms(batch), axis_name)
-    checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
+
+    def enforce():
+      if deferred:
+        checks.enforce(where, kernel.value_checks(logits, labels, weights))
+      checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
+
+    if deferred:
+      jax.lax.cond(jnp.all(jnp.isfinite(loss)), lambda: None, enforce)
+    else:
+      enforce()
     return loss
 
   def metric_fn(logits, labels, features=None, *, axis_name=None):
@@ -593,7 +621,7 @@ def standard_kernel(
     label_present, logit_present = presence(logits, labels, row_weights)
     results = {
         "logits must be finite (no NaN or infinity)": checks.ValueCheck(
-            checks.all_finite(logits, logit_present)
+            checks.finite(logits, logit_present)
         )
     }
     if logits_check is not None:
@@ -605,7 +633,7 @@ def standard_kernel(
       if label_present is not None:
         valid = valid | ~label_present
       results[f"labels must be {label_rule.message}"] = checks.ValueCheck(
-          jnp.all(valid), labels, label_present
+          valid, labels, label_present
       )
     weights = row_weights.weights
     if weights is not None:
@@ -620,12 +648,12 @@ def standard_kernel(
               tuple(logits.shape[:-1]) + (1,) * (weights.ndim - logits.ndim + 1)
           )
       results["weights must be finite (no NaN or infinity)"] = checks.ValueCheck(
-          checks.all_finite(weights, weight_present)
+          checks.finite(weights, weight_present)
       )
       nonnegative = weights >= 0
       if weight_present is not None:
         nonnegative = nonnegative | ~weight_present
-      results["weights must be >= 0"] = checks.ValueCheck(jnp.all(nonnegative))
+      results["weights must be >= 0"] = checks.ValueCheck(nonnegative)
     mask = row_weights.mask
     if mask is not None and jnp.asarray(mask).dtype != bool:
       mask = jnp.asarray(mask)
@@ -635,6 +663,9 @@ def standard_kernel(
     return results
 
   def prepare(logits, labels, row_weights):
+    screen = None
+    if checks.deferrable(logits, labels, row_weights):
+      screen = screen_of(value_checks(logits, labels, row_weights), logits, loss_dim)
     logits = jnp.asarray(logits)
     logits = logits.astype(compute_dtype(logits.dtype))
     labels = expand_labels(labels, logits.ndim)
@@ -655,7 +686,7 @@ def standard_kernel(
       weights = jnp.where(present, weights, 0)
     labels = label_rule.convert(labels, logits.dtype)
     return Batch(
-        logits, labels, weights, present=present, label_present=label_present
+        logits, labels, weights, present=present, label_present=label_present, screen=screen
     )
 
   if custom_loss_fn is None:
@@ -667,7 +698,7 @@ def standard_kernel(
 
   def kernel_loss_terms(batch):
     return loss_terms(
-        compute_loss(batch), batch.weights, config.loss_reduction, batch.present
+        compute_loss(batch), batch.weights, config.loss_reduction, batch.present, batch.screen
     )
 
   def kernel_statistics(batch):
@@ -697,7 +728,30 @@ def standard_kernel(
       predictions=kernel_predictions,
       group_key=group_key,
       value_checks=value_checks,
+      screens=True,
   )
+
+
+def screen_of(results: dict[str, checks.ValueCheck], logits: Any, loss_dim: int) -> jax.Array:
+  """`Batch.screen` from a head's value checks: 0 where every check holds, NaN elsewhere.
+
+  Each check's flags are brought to the unreduced loss' shape
+  `[D0..DN, loss_dim]`: flags over another last dimension (the logits of a
+  multi-class head) are reduced over it, flags of a whole batch broadcast.
+  """
+  rows = tuple(np.shape(logits)[:-1])
+  shape = rows + (loss_dim,)
+  ok = jnp.ones(shape, bool)
+  for check in results.values():
+    flags = jnp.asarray(check.ok, bool)
+    if flags.size == math.prod(shape):
+      flags = flags.reshape(shape)
+    elif flags.size % max(math.prod(rows), 1) == 0 and flags.size >= math.prod(rows) > 0:
+      flags = jnp.all(flags.reshape(rows + (-1,)), axis=-1, keepdims=True)
+    else:
+      flags = jnp.all(flags)
+    ok = ok & flags
+  return jnp.where(ok, 0.0, jnp.nan).astype(compute_dtype(jnp.asarray(logits).dtype))
 
 
 def _static_key(value: Any) -> Any:

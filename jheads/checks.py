@@ -175,7 +175,9 @@ class ValueCheck(NamedTuple):
   heads as one vectorized computation and enforces them head by head.
 
   Attributes:
-    ok: bool scalar, true when the values are valid.
+    ok: booleans, elementwise or already reduced; the condition holds when
+      all are true. Leaving them unreduced lets `enforce_all` reduce every
+      condition of a group in one pass.
     values: optionally, the values to describe in an eager error.
     present: optionally, which of `values` take part.
   """
@@ -183,6 +185,25 @@ class ValueCheck(NamedTuple):
   ok: Any
   values: Any = None
   present: Any = None
+
+
+def varying(tree: Any) -> bool:
+  """Whether any leaf varies over a manual mesh axis (inside `shard_map`).
+
+  A `lax.cond` whose branches stage value checks gives its two branches'
+  check outputs different varying axes there, so checks are not deferred.
+  """
+  for leaf in jax.tree.leaves(tree):
+    aval = jax.typeof(leaf)
+    manual = getattr(aval, "manual_axis_type", None)
+    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
+      return True
+  return False
+
+
+def deferrable(*operands: Any) -> bool:
+  """Whether value checks on traced `operands` may be deferred behind a screened loss."""
+  return checks_enabled() and not is_concrete(*operands) and not varying(operands)
 
 
 def should_check(*operands: Any) -> bool:
@@ -218,10 +239,11 @@ def enforce_all(descriptions: Sequence[str], results: Mapping[str, ValueCheck]) 
   problems = list(results)
   if not problems:
     return
+  n_heads = len(descriptions)
   oks = [results[p].ok for p in problems]
   known = [_known_value(x) if isinstance(x, jax.core.Tracer) else x for x in oks]
   if all(k is not None for k in known):
-    known = [np.asarray(k).reshape(len(descriptions)) for k in known]
+    known = [np.asarray(k).reshape(n_heads, -1).all(axis=1) for k in known]
     for h, where in enumerate(descriptions):
       for p, problem in enumerate(problems):
         if not known[p][h]:
@@ -235,7 +257,11 @@ def enforce_all(descriptions: Sequence[str], results: Mapping[str, ValueCheck]) 
     return
   if not checks_enabled():
     return
-  flags = jnp.stack([jnp.reshape(ok, (len(descriptions),)) for ok in oks], axis=1).reshape(-1)
+  # Each condition reduced per head (over a batch that may be sharded),
+  # then one check for all: its payload is the first failure's index.
+  flags = jnp.stack(
+      [jnp.all(jnp.reshape(jnp.asarray(ok, bool), (n_heads, -1)), axis=1) for ok in oks], axis=1
+  ).reshape(-1)
   messages = tuple(f"{where}: {problem}" for where in descriptions for problem in problems)
   checkify.check(jnp.all(flags), _encode(messages), jnp.argmin(flags))
 
@@ -262,10 +288,13 @@ def decode_message(message: str) -> str:
 
 def all_finite(values: Any, present: Any = None) -> jax.Array:
   """Whether every (present) entry of `values` is finite."""
-  finite = jnp.isfinite(jnp.asarray(values))
-  if present is not None:
-    finite = finite | ~present
-  return jnp.all(finite)
+  return jnp.all(finite(values, present))
+
+
+def finite(values: Any, present: Any = None) -> jax.Array:
+  """Elementwise: the entry is finite, or not present."""
+  ok = jnp.isfinite(jnp.asarray(values))
+  return ok if present is None else ok | ~present
 
 
 class StepErrors:
@@ -304,11 +333,18 @@ class StepErrors:
   throw = raise_if_failed
 
 
-jax.tree_util.register_pytree_node(
-    StepErrors,
-    lambda e: ((e.error,), None),
-    lambda _, children: StepErrors(children[0]),
-)
+def _unflatten_step_errors(_, children):
+  errors = StepErrors(children[0])
+  leaves = jax.tree.leaves(children[0])
+  if leaves and all(isinstance(x, (np.ndarray, np.generic)) for x in leaves):
+    # Rebuilt from host copies: `jax.device_get` (or a tree map to numpy) of
+    # the step's outputs, which is a read. jax's own dispatch rebuilds
+    # outputs from device arrays, and traces from tracers; neither raises.
+    errors.raise_if_failed()
+  return errors
+
+
+jax.tree_util.register_pytree_node(StepErrors, lambda e: ((e.error,), None), _unflatten_step_errors)
 
 
 def functionalize(

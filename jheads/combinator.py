@@ -41,11 +41,15 @@ class _Inputs(NamedTuple):
     per_head: `(logits, labels, weights)` of each head, in head order.
     groups: head indices of each group of like heads, in head order.
     group_logits: `a group's indices -> their logits stacked on a leading axis`.
+    deferred: the groups whose value checks ride on their losses
+      (`HeadKernel.screens`): enforced by `enforce_deferred` only when a
+      loss comes out non-finite.
   """
 
   per_head: list[tuple[Any, Any, Any]]
   groups: list[list[int]]
   group_logits: Callable[[list[int]], Any]
+  deferred: tuple[int, ...] = ()
 
 
 class MultiHead(NamedTuple):
@@ -206,7 +210,7 @@ def multi_head(
     def group_logits(indices):
       start, shape = blocks[tuple(indices)]
       block = permuted[..., start : start + shape[0] * shape[1]]
-      return jnp.moveaxis(block.reshape(block.shape[:-1] + shape), -2, 0)
+      return _heads_last(block, shape)
 
     return groups, group_logits
 
@@ -222,15 +226,22 @@ def multi_head(
     per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
     inputs = _Inputs(per_head, *grouping(logits, per_head))
     if checks.should_check(logits, labels, per_head_weights):
-      value_checks(inputs)
+      if checks.deferrable(logits, labels, per_head_weights):
+        # Staged checks: a group that screens its loss is checked in full
+        # only if a loss comes out non-finite (`enforce_deferred`).
+        deferred = tuple(
+            g for g, indices in enumerate(inputs.groups) if heads[indices[0]].kernel.screens
+        )
+        inputs = inputs._replace(deferred=deferred)
+      value_checks(inputs, [g for g in range(len(inputs.groups)) if g not in inputs.deferred])
     else:
       for head, (lo, la, w) in zip(heads, per_head):
         base.check_inputs(head.kernel, head.config.description, lo, la, w)
     return inputs
 
-  def value_checks(inputs: _Inputs) -> None:
+  def value_checks(inputs: _Inputs, group_numbers: Sequence[int]) -> None:
     """Each head's value checks; one vectorized computation per group of like heads."""
-    for indices in inputs.groups:
+    for indices in (inputs.groups[g] for g in group_numbers):
       kernel = heads[indices[0]].kernel
       if kernel.value_checks is None:
         for i in indices:
@@ -247,14 +258,27 @@ def multi_head(
       if len(indices) == 1:
         results = jax.tree.map(lambda x: x[None], value_checks(*inputs.per_head[indices[0]]))
       else:
-        labels = _stack([inputs.per_head[i][1] for i in indices])
-        weights, weights_axis = _stack_or_share([inputs.per_head[i][2] for i in indices])
-        results = jax.vmap(value_checks, in_axes=(0, 0, weights_axis))(
-            inputs.group_logits(indices), labels, weights
-        )
+        args, axes = _group_inputs(inputs, indices)
+        results = jax.vmap(value_checks, in_axes=axes)(*args)
       checks.enforce_all(
           [heads[i].config.description for i in indices], {p: results[p] for p in order}
       )
+
+  def enforce_deferred(inputs: _Inputs, losses: Any, finally_: Callable[[], None]) -> None:
+    """The deferred groups' value checks, then `finally_()`, run only if `losses` are not all finite.
+
+    A failed check of a screened head makes its loss NaN, so finite losses
+    prove that the deferred checks pass.
+    """
+    if not inputs.deferred:
+      finally_()
+      return
+
+    def diagnose():
+      value_checks(inputs, inputs.deferred)
+      finally_()
+
+    jax.lax.cond(jnp.all(jnp.isfinite(losses)), lambda: None, diagnose)
 
   def enforce_finite(what: str, indices: Any, ok: Any) -> None:
     """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
@@ -276,18 +300,14 @@ def multi_head(
         batch = kernel.prepare(*inputs.per_head[indices[0]])._replace(features=features)
         out = jax.tree.map(lambda x: x[None], kernel_fn(kernel, batch))
       else:
-        labels = _stack([inputs.per_head[i][1] for i in indices])
-        weights, weights_axis = _stack_or_share([inputs.per_head[i][2] for i in indices])
-        out = jax.vmap(
-            lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)),
-            in_axes=(0, 0, weights_axis),
-        )(inputs.group_logits(indices), labels, weights)
+        args, axes = _group_inputs(inputs, indices)
+        out = jax.vmap(lambda *raw: kernel_fn(kernel, kernel.prepare(*raw)), in_axes=axes)(*args)
       results.append((np.asarray(indices), out))
     return results
 
   def grouped_losses(logits, labels, features, axis_name):
     inputs = checked_inputs(logits, labels, features)
-    return [
+    return inputs, [
         (indices, base.reduce_loss(terms, axis_name))
         for indices, terms in evaluate(
             inputs, features, lambda kernel, batch: kernel.loss_terms(batch)
@@ -296,12 +316,16 @@ def multi_head(
 
   def losses_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
     weights = _weights_vector(head_weights, default_weights, len(heads))
-    groups = grouped_losses(logits, labels, features, axis_name)
+    inputs, groups = grouped_losses(logits, labels, features, axis_name)
     order = np.concatenate([indices for indices, _ in groups])
     losses = jnp.concatenate([group_losses for _, group_losses in groups])
     weights = weights[order]
     if checks.should_check(losses, weights):
-      enforce_finite("the loss", order, jnp.isfinite(losses) | (weights == 0))
+      enforce_deferred(
+          inputs,
+          losses,
+          lambda: enforce_finite("the loss", order, jnp.isfinite(losses) | (weights == 0)),
+      )
     # A head weighted 0 adds nothing, even when its loss is infinite (0 * inf).
     weighted = jnp.where(weights == 0, 0.0, losses)
     # HIGHEST: a float32 loss must not go through a bf16 matmul pass on TPU.
@@ -327,8 +351,15 @@ def multi_head(
     # One batch counts once however many shards it is split over.
     count = base.shard_share(1.0, axis_name)
     groups = []
-    for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics):
-      group_losses = base.reduce_loss(terms, axis_name)
+    evaluated = [
+        (indices, base.reduce_loss(terms, axis_name), stats)
+        for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics)
+    ]
+    if inputs.deferred:
+      enforce_deferred(
+          inputs, jnp.concatenate([losses for _, losses, _ in evaluated]), lambda: None
+      )
+    for indices, group_losses, stats in evaluated:
       if checks.should_check(group_losses, stats):
         finite = [
             jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
@@ -352,7 +383,7 @@ def multi_head(
       if len(indices) == 1:
         per_head[indices[0]] = kernel.predictions(per_head_logits[indices[0]])
         continue
-      out = jax.vmap(kernel.predictions)(group_logits(indices))
+      out = jax.vmap(kernel.predictions, in_axes=-1)(group_logits(indices))
       for j, i in enumerate(indices):
         per_head[i] = {key: value[j] for key, value in out.items()}
     return {
@@ -468,19 +499,59 @@ def _groups(
   return list(groups.values())
 
 
+def _group_inputs(inputs: _Inputs, indices: list[int]) -> tuple[tuple[Any, Any, Any], Any]:
+  """A group's `(logits, labels, row weights)` stacked on a last axis, and their `in_axes`.
+
+  Labels, weights and masks that leave out trailing axes of 1 get them
+  before stacking, as every kernel would give them itself (a head's labels
+  may drop a last axis of 1, its weights and masks cover a prefix of the
+  batch axes): added inside `vmap`, those axes would move the heads' axis
+  to the front, and every op mixing them with the logits would transpose.
+  Values all heads share (the same array) are passed once, unstacked.
+  """
+  logits = inputs.group_logits(indices)
+  rank = np.ndim(logits) - 1
+  labels = _stack([_to_rank(inputs.per_head[i][1], rank) for i in indices])
+  weights, weights_axes = _stack_or_share([inputs.per_head[i][2] for i in indices], rank)
+  return (logits, labels, weights), (-1, -1, weights_axes)
+
+
+def _to_rank(x: Any, rank: int) -> Any:
+  """A label or weight array that drops a last axis of 1, with it."""
+  if x is None or np.ndim(x) != rank - 1:
+    return x
+  return jnp.asarray(x)[..., None]
+
+
 def _stack(values: list[Any]) -> Any:
   if values[0] is None:
     return None
-  return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(x) for x in leaves]), *values)
+  return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(x) for x in leaves], axis=-1), *values)
 
 
-def _stack_or_share(values: list[Any]) -> tuple[Any, Any]:
-  """Stacks per-head values for `vmap`, unless every head got the very same one.
+def _stack_or_share(values: list[Any], rank: int | None = None) -> tuple[Any, Any]:
+  """Stacks per-head values on a last axis for `vmap`, unless every head got the very same one.
 
   Heads that share a weight column get the same array; passing it once
   (`in_axes=None`) avoids materializing one copy per head. Values may be
   pytrees (a head's `RowWeights`): each leaf is stacked or shared on its own.
+  With `rank`, the logits' rank less one, the stacked weights and masks of
+  `RowWeights` first get the trailing axes of 1 that the kernels would
+  give them (see `_group_inputs`).
   """
+  if rank is not None and all(isinstance(v, base.RowWeights) for v in values):
+    fields = [
+        _stack_or_share_leaves([getattr(v, field) for v in values], expand)
+        for field, expand in (
+            ("weights", lambda x: _to_rank(x, rank)),
+            ("mask", lambda x: jnp.reshape(x, np.shape(x) + (1,) * (rank - np.ndim(x)))),
+        )
+    ]
+    return base.RowWeights(*(f[0] for f in fields)), base.RowWeights(*(f[1] for f in fields))
+  return _stack_or_share_leaves(values, lambda x: x)
+
+
+def _stack_or_share_leaves(values: list[Any], expand: Callable[[Any], Any]) -> tuple[Any, Any]:
   leaves = [jax.tree.leaves(v) for v in values]
   treedef = jax.tree.structure(values[0])
   stacked, axes = [], []
@@ -489,6 +560,22 @@ def _stack_or_share(values: list[Any]) -> tuple[Any, Any]:
       stacked.append(column[0])
       axes.append(None)
     else:
-      stacked.append(jnp.stack([jnp.asarray(x) for x in column]))
-      axes.append(0)
+      stacked.append(jnp.stack([expand(jnp.asarray(x)) for x in column], axis=-1))
+      axes.append(-1)
   return jax.tree.unflatten(treedef, stacked), jax.tree.unflatten(treedef, axes)
+
+
+def _heads_last(block: Any, shape: tuple[int, int]) -> Any:
+  """`[D0..DN, G * d]` logits of G heads of `d` logits each, as `[D0..DN, d, G]`.
+
+  The heads' axis goes last (vmapped with `in_axes=-1`), not first: then
+  a group of binary heads needs no transpose at all (`[B, G]` is `[B, 1, G]`),
+  and every vectorized array keeps a long innermost axis. With the heads
+  first, each array of a `d = 1` group ends in a degenerate axis of 1,
+  which XLA's CPU backend (its YNNPACK fusions) runs an element at a time:
+  a thousand binary heads evaluated ten times slower than hand-written
+  JAX on `[B, G]` arrays.
+  """
+  heads, dim = shape
+  block = block.reshape(block.shape[:-1] + (heads, dim))
+  return jnp.swapaxes(block, -1, -2)
