@@ -304,25 +304,31 @@ class StepErrors:
   through `jit`, `pmap` and `shard_map` outputs. `get` gives the first
   failed check's message (None if all passed), `throw` and
   `raise_if_failed` raise it as a `ValueCheckError`; the step builders'
-  outputs call `raise_if_failed` whenever they are read on the host.
+  outputs call `raise_if_failed` whenever they are read on the host, and
+  `jax.device_get` of them raises too.
   """
 
+  __slots__ = ("_leaves", "_treedef")
+
   def __init__(self, error: Any):
-    self.error = error
+    self._leaves, self._treedef = jax.tree.flatten(error)
+
+  @property
+  def error(self) -> Any:
+    return jax.tree.unflatten(self._treedef, self._leaves)
 
   def get(self) -> str | None:
-    error = self.error
-    if error is None or not is_concrete(jax.tree.leaves(error)):
+    leaves = self._leaves
+    if not leaves or not is_concrete(leaves):
       return None
-    leaves = jax.tree.leaves(error)
     if any(np.ndim(x) for x in leaves):
       # Stacked over devices (pmap with mapped outputs): the first failure.
       for i in range(np.shape(leaves[0])[0]):
-        message = StepErrors(jax.tree.map(lambda x, i=i: x[i], error)).get()
+        message = StepErrors(jax.tree.map(lambda x, i=i: x[i], self.error)).get()
         if message is not None:
           return message
       return None
-    message = error.get()
+    message = self.error.get()
     return None if message is None else decode_message(message)
 
   def raise_if_failed(self) -> None:
@@ -333,10 +339,11 @@ class StepErrors:
   throw = raise_if_failed
 
 
-def _unflatten_step_errors(_, children):
-  errors = StepErrors(children[0])
-  leaves = jax.tree.leaves(children[0])
-  if leaves and all(isinstance(x, (np.ndarray, np.generic)) for x in leaves):
+def _unflatten_step_errors(treedef, leaves):
+  # Rebuilt in C++ on every step's dispatch: no checkify objects here.
+  errors = StepErrors.__new__(StepErrors)
+  errors._leaves, errors._treedef = list(leaves), treedef
+  if leaves and type(leaves[0]) in (np.ndarray, np.bool_):
     # Rebuilt from host copies: `jax.device_get` (or a tree map to numpy) of
     # the step's outputs, which is a read. jax's own dispatch rebuilds
     # outputs from device arrays, and traces from tracers; neither raises.
@@ -344,7 +351,9 @@ def _unflatten_step_errors(_, children):
   return errors
 
 
-jax.tree_util.register_pytree_node(StepErrors, lambda e: ((e.error,), None), _unflatten_step_errors)
+jax.tree_util.register_pytree_node(
+    StepErrors, lambda e: (e._leaves, e._treedef), _unflatten_step_errors
+)
 
 
 def functionalize(

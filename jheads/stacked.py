@@ -22,7 +22,7 @@ class HeadValues(Mapping):
 
   A read-only mapping from head name to its value (an array slice), and a
   pytree with one leaf, so a step returns it as one output however many
-  heads there are. `stacked` is the `[n_heads]` array itself.
+  heads there are. `stacked` is the `[..., n_heads]` array itself.
   """
 
   def __init__(self, names: Sequence[str], values: Any):
@@ -31,7 +31,9 @@ class HeadValues(Mapping):
     self._index = {name: i for i, name in enumerate(self.names)}
 
   def __getitem__(self, name: str) -> Any:
-    return self.stacked[self._index[name]]
+    # The heads' axis is the last: values stacked over steps (`scan_steps`)
+    # or devices (pmap) keep their leading axes.
+    return self.stacked[..., self._index[name]]
 
   def __iter__(self) -> Iterator[str]:
     return iter(self.names)
