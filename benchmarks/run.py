@@ -18,6 +18,16 @@ Sections (the problem is `benchmarks/problem.py`):
   [N x T] broadcast compare of TF 1 metrics and metrax, and one
   `keras.metrics.AUC` (jitted, stateless).
 * hlo: op counts of the jitted T = 100 train steps.
+* multistep: `training.scan_steps` (k train steps per dispatch, one
+  `lax.scan` over a `[k, batch, ...]` block) at k = 1 (one dispatch per
+  step), 8 and 32, for T = 1, 10, 100: ms per step and the speed-up over
+  k = 1.
+* scale, serving, workload: `benchmarks.many_heads` (T = 1000 binary and
+  cycling heads: compile seconds, peak RSS, step time against the stacked
+  floor, merge and compute), `benchmarks.serving` (p50/p99 latency of a
+  loaded 3-head artifact at batch 1 and 256, first calls) and
+  `benchmarks.workload` (the 5-head recommender against Keras 3), each in a
+  fresh subprocess (`--quick` passed on), their JSON kept in the report.
 
 Every comparison runs its contenders interleaved, A B, B A, A B ..., for
 several rounds, and reports medians; a ratio is the median over rounds of
@@ -51,7 +61,18 @@ from benchmarks import problem  # noqa: E402
 from jheads import metrics  # noqa: E402
 from jheads import training  # noqa: E402
 
-SECTIONS = ("overhead", "checks", "peers", "auc", "hlo")
+SECTIONS = ("overhead", "checks", "multistep", "peers", "auc", "hlo", "scale", "serving", "workload")
+# Sections that run another benchmark module in a subprocess (peak RSS and
+# compile times of a fresh process), reporting its JSON.
+SUBPROCESS_SECTIONS = {
+    "scale": [
+        ["benchmarks.many_heads", "1000", "binary"],
+        ["benchmarks.many_heads", "1000", "cycling"],
+    ],
+    "serving": [["benchmarks.serving"]],
+    "workload": [["benchmarks.workload"]],
+}
+BLOCK_SIZES = (1, 8, 32)
 HEAD_COUNTS = (1, 10, 100)
 PEER_HEAD_COUNTS = (10, 100)
 AUC_THRESHOLDS = (200, 10_000)
@@ -234,6 +255,90 @@ def value_checks(settings: Settings, report: dict[str, Any]) -> None:
     )
   report["checks"] = section
   report["checks_ratio"] = ratios
+
+
+class BlockStepper:
+  """`training.scan_steps` of the README's train step over blocks of k batches."""
+
+  def __init__(self, num_heads: int, block: int):
+    step = training.make_train_step(
+        problem.make_multi_head(num_heads),
+        lambda params, features: problem.apply(params, features["x"]),
+        problem.make_optimizer(),
+    )
+    self.block = block
+    self.step = jax.jit(step if block == 1 else training.scan_steps(step))
+    self.params, self.opt_state, (x, labels) = problem.step_inputs(num_heads)
+    stack = lambda tree: jax.tree.map(lambda v: jnp.stack([v] * block), tree)
+    self.features, self.labels = ({"x": x}, labels) if block == 1 else (stack({"x": x}), stack(labels))
+    self.out = None
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` train steps (steps / k dispatches); milliseconds per step."""
+    dispatches = max(steps // self.block, 1)
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      self.params, self.opt_state, self.out = self.step(
+          self.params, self.opt_state, self.features, self.labels
+      )
+    jax.block_until_ready(self.params)
+    return 1e3 * (time.perf_counter() - start) / (dispatches * self.block)
+
+
+def multistep(settings: Settings, report: dict[str, Any]) -> None:
+  """Per-step time of k train steps per dispatch (`training.scan_steps`)."""
+  section, speedups = {}, {}
+  steps = max(settings.steps, max(BLOCK_SIZES))
+  steps -= steps % max(BLOCK_SIZES)
+  for num_heads in HEAD_COUNTS:
+    key = f"T{num_heads}"
+    steppers = {f"k{k}": BlockStepper(num_heads, k) for k in BLOCK_SIZES}
+    for stepper in steppers.values():
+      stepper.run(stepper.block)
+    times = interleave(
+        {name: lambda s=s: s.run(steps) for name, s in steppers.items()}, settings.rounds
+    )
+    section[key] = {name: median(times[name]) for name in times}
+    speedups[key] = {
+        name: paired_ratio(times["k1"], times[name]) for name in times if name != "k1"
+    }
+  rows = [
+      [key]
+      + [f"{section[key][f'k{k}']:.3f}" for k in BLOCK_SIZES]
+      + [f"{speedups[key][f'k{k}']:.2f}x" for k in BLOCK_SIZES[1:]]
+      for key in section
+  ]
+  print_table(
+      "multi-step dispatch (training.scan_steps): ms per train step",
+      ["T"] + [f"k={k}" for k in BLOCK_SIZES] + [f"k={k} speed-up" for k in BLOCK_SIZES[1:]],
+      rows,
+  )
+  report["multistep"] = section
+  report["multistep_speedup"] = speedups
+
+
+def run_module(section: str, quick: bool, report: dict[str, Any], extra: list[str]) -> None:
+  """Runs a benchmark module in a fresh Python; keeps its JSON figures."""
+  results = []
+  for argv in SUBPROCESS_SECTIONS[section]:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "out.json")
+      flag = "--out" if argv[0] == "benchmarks.many_heads" else "--json"
+      command = [sys.executable, "-m", *argv, flag, out]
+      if quick and argv[0] != "benchmarks.many_heads":
+        command.append("--quick")
+      if section == "workload" and not importlib.util.find_spec("keras"):
+        command.append("--no-keras")
+      command += extra if section != "scale" else []
+      print(f"\n$ {' '.join(command[2:])}")
+      sys.stdout.flush()
+      completed = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)))
+      if completed.returncode != 0 or not os.path.exists(out):
+        results.append({"command": argv, "failed": completed.returncode})
+        continue
+      with open(out) as f:
+        results.append({"command": argv, "figures": json.load(f)})
+  report[section] = results
 
 
 def keras_block(model: Any, x: np.ndarray, ys: list[np.ndarray], steps: int) -> Callable[[], float]:
@@ -592,6 +697,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       auc(settings, report)
     elif section == "hlo":
       hlo(report)
+    elif section == "multistep":
+      multistep(settings, report)
+    elif section in SUBPROCESS_SECTIONS:
+      extra = ["--tf-python", args.tf_python] if args.tf_python else []
+      run_module(section, args.quick, report, extra)
   report["seconds"] = time.perf_counter() - start
   print(f"\ntook {report['seconds']:.0f} s")
   summary = {
