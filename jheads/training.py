@@ -403,6 +403,13 @@ def make_train_step(
     )
 
   def train_step(params, opt_state, features, labels, head_weights=None):
+    if isinstance(opt_state, TrainState):
+      raise ValueError(
+          f"{where}: this step (no weighting, no aggregator) takes the optimizer's"
+          " state, optimizer.init(params), not a training.TrainState; pass"
+          " state.opt_state, or build the step with a weighting or an aggregator."
+      )
+
     def objective(differentiable_params):
       logits = apply_fn(differentiable_params, features)
       regularization = (
@@ -504,6 +511,7 @@ def make_representation_train_step(
     regularization_fn: RegularizationFn | None = None,
     with_metrics: bool = False,
     axis_name: Any = None,
+    checks: bool = True,
 ) -> Callable[..., tuple[Any, TrainState, TrainOutput]]:
   """Builds a train step that aggregates at the trunk's output (an approximation).
 
@@ -542,6 +550,8 @@ def make_representation_train_step(
     regularization_fn: as for `make_train_step`.
     with_metrics: as for `make_train_step`.
     axis_name: as for `make_train_step`.
+    checks: as for `make_train_step`: value checks whose failures raise when
+      the outputs are read; False removes them.
 
   Returns:
     The step `(params, state, features, labels, head_weights=None) ->
@@ -572,7 +582,7 @@ def make_representation_train_step(
   if aggregator is None:
     raise ValueError(f"{where}: needs an aggregator (e.g. aggregation.mgda()).")
   _multitask_step.check_aggregator(aggregator, head, where)
-  return _state_step(
+  return _with_checks(checks, axis_name, _attach_to_train_output, _state_step(
       _multitask_step.make_representation_step(
           head,
           trunk_fn,
@@ -585,7 +595,7 @@ def make_representation_train_step(
           aggregator=aggregator,
           where=where,
       )
-  )
+  ))
 
 
 def _state_step(inner: Callable[..., Any]) -> Callable[..., tuple[Any, TrainState, TrainOutput]]:

@@ -257,3 +257,34 @@ def test_device_get_of_the_outputs_raises(steps):
   _, _, out = steps["train"](params, steps["opt_state"], *make_batch())
   host = jax.device_get(out)
   assert isinstance(host.loss, np.ndarray) and np.isfinite(host.loss)
+
+
+def test_representation_step_checks_values():
+  from jheads import aggregation
+
+  head = jheads.multi_head([jheads.regression_head(name="a"), jheads.multi_class_head(3, name="b")])
+  trunk_fn = lambda params, features: jnp.tanh(features["x"] @ params["trunk"])
+  heads_fn = lambda params, z: z @ params["heads"]
+  params = {"trunk": jnp.ones((N_FEATURES, 4)) / 4, "heads": jnp.ones((4, 4)) / 4}
+  optimizer = optax.sgd(0.1)
+  state = training.init_train_state(head, optimizer, params, aggregator=aggregation.upgrad())
+  features = {"x": np.ones((BATCH, N_FEATURES), np.float32)}
+  labels = {"a": np.zeros(BATCH, np.float32), "b": np.full(BATCH, 3, np.int32)}
+  for checks in (True, False):
+    step = jax.jit(training.make_representation_train_step(
+        head, trunk_fn, heads_fn, optimizer, aggregator=aggregation.upgrad(), checks=checks))
+    _, _, out = step(params, state, features, labels)
+    if checks:
+      with pytest.raises(ValueCheckError, match=r"^head 'b': labels must be class ids in \[0, 3\)"):
+        float(out.loss)
+    else:
+      float(out.loss)  # unchecked: a number, whatever the labels
+
+
+def test_plain_step_given_a_train_state_says_what_it_takes():
+  optimizer = optax.sgd(0.1)
+  params = init_params()
+  state = training.init_train_state(HEAD, optimizer, params)
+  step = jax.jit(training.make_train_step(HEAD, apply_fn, optimizer))
+  with pytest.raises(ValueError, match="takes the optimizer's state, optimizer.init"):
+    step(params, state, *make_batch())
