@@ -341,6 +341,9 @@ def train(data, step, put_params, put_batch, put_weights):
     params, opt_state, out = step(
         params, opt_state, *put_batch(batch), put_weights(schedule(i))
     )
+    # One step in flight: many queued all-reduces over 8 simulated devices can
+    # time out in XLA's CPU runtime on a loaded 2-core machine.
+    jax.block_until_ready(params)
     outputs.append(out)
   return jax.device_get(params), jax.device_get(outputs)
 
