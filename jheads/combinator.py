@@ -503,7 +503,7 @@ def _group_inputs(inputs: _Inputs, indices: list[int]) -> tuple[tuple[Any, Any, 
   """A group's `(logits, labels, row weights)` stacked on a last axis, and their `in_axes`.
 
   Labels, weights and masks that leave out trailing axes of 1 get them
-  before stacking, as every kernel would give them itself (a head's labels
+  while stacked, as every kernel would add them itself (a head's labels
   may drop a last axis of 1, its weights and masks cover a prefix of the
   batch axes): added inside `vmap`, those axes would move the heads' axis
   to the front, and every op mixing them with the logits would transpose.
@@ -511,47 +511,68 @@ def _group_inputs(inputs: _Inputs, indices: list[int]) -> tuple[tuple[Any, Any, 
   """
   logits = inputs.group_logits(indices)
   rank = np.ndim(logits) - 1
-  labels = _stack([_to_rank(inputs.per_head[i][1], rank) for i in indices])
+  labels, labels_axes = _stack_or_share(
+      [inputs.per_head[i][1] for i in indices], _label_rank(rank)
+  )
   weights, weights_axes = _stack_or_share([inputs.per_head[i][2] for i in indices], rank)
-  return (logits, labels, weights), (-1, -1, weights_axes)
+  return (logits, labels, weights), (-1, labels_axes, weights_axes)
 
 
-def _to_rank(x: Any, rank: int) -> Any:
-  """A label or weight array that drops a last axis of 1, with it."""
-  if x is None or np.ndim(x) != rank - 1:
-    return x
-  return jnp.asarray(x)[..., None]
+def _label_rank(rank: int) -> Callable[[Any], int]:
+  """The rank a label or weight array takes: one more when it drops a last axis of 1."""
+  return lambda shape: rank if len(shape) == rank - 1 else len(shape)
 
 
 def _stack(values: list[Any]) -> Any:
+  """Per-head pytrees stacked leaf by leaf on a new last axis (see `_stack_last`)."""
   if values[0] is None:
     return None
-  return jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(x) for x in leaves], axis=-1), *values)
+  return jax.tree.map(lambda *leaves: _stack_last(leaves, len), *values)
 
 
-def _stack_or_share(values: list[Any], rank: int | None = None) -> tuple[Any, Any]:
+def _stack_last(arrays: Sequence[Any], target_rank: Callable[[tuple[int, ...]], int]) -> jax.Array:
+  """Arrays of one shape as one array with the heads on a new last axis.
+
+  Each array first takes trailing axes of 1 up to `target_rank(its shape)`.
+  The heads are stacked on a leading axis, behind an optimization barrier,
+  then moved last: XLA compiles a concatenate of a thousand operands along
+  the minor axis, or fused into its consumers, for seconds; one along the
+  major axis, kept apart, costs a memcpy per head.
+  """
+  arrays = [jnp.asarray(x) for x in arrays]
+  shape = tuple(arrays[0].shape)
+  stacked = jnp.stack(arrays)
+  if len(arrays) > 1:
+    stacked = jax.lax.optimization_barrier(stacked)
+  stacked = stacked.reshape(stacked.shape + (1,) * (target_rank(shape) - len(shape)))
+  return jnp.moveaxis(stacked, 0, -1)
+
+
+def _stack_or_share(values: list[Any], rank: Any = None) -> tuple[Any, Any]:
   """Stacks per-head values on a last axis for `vmap`, unless every head got the very same one.
 
   Heads that share a weight column get the same array; passing it once
   (`in_axes=None`) avoids materializing one copy per head. Values may be
-  pytrees (a head's `RowWeights`): each leaf is stacked or shared on its own.
-  With `rank`, the logits' rank less one, the stacked weights and masks of
-  `RowWeights` first get the trailing axes of 1 that the kernels would
-  give them (see `_group_inputs`).
+  pytrees (a head's `RowWeights`): each leaf is stacked or shared on its
+  own. With `rank` (the logits' rank less one), stacked labels and the
+  weights and masks of `RowWeights` take the trailing axes of 1 that the
+  kernels would give them (see `_group_inputs`); `rank` may also be a
+  function of a leaf's shape giving the rank it takes.
   """
-  if rank is not None and all(isinstance(v, base.RowWeights) for v in values):
+  if isinstance(rank, int) and all(isinstance(v, base.RowWeights) for v in values):
     fields = [
-        _stack_or_share_leaves([getattr(v, field) for v in values], expand)
-        for field, expand in (
-            ("weights", lambda x: _to_rank(x, rank)),
-            ("mask", lambda x: jnp.reshape(x, np.shape(x) + (1,) * (rank - np.ndim(x)))),
-        )
+        _stack_or_share_leaves([getattr(v, field) for v in values], target_rank)
+        for field, target_rank in (("weights", _label_rank(rank)), ("mask", lambda shape: rank))
     ]
     return base.RowWeights(*(f[0] for f in fields)), base.RowWeights(*(f[1] for f in fields))
-  return _stack_or_share_leaves(values, lambda x: x)
+  return _stack_or_share_leaves(values, rank if callable(rank) else len)
 
 
-def _stack_or_share_leaves(values: list[Any], expand: Callable[[Any], Any]) -> tuple[Any, Any]:
+def _stack_or_share_leaves(
+    values: list[Any], target_rank: Callable[[tuple[int, ...]], int]
+) -> tuple[Any, Any]:
+  if values[0] is None:
+    return None, None
   leaves = [jax.tree.leaves(v) for v in values]
   treedef = jax.tree.structure(values[0])
   stacked, axes = [], []
@@ -560,7 +581,7 @@ def _stack_or_share_leaves(values: list[Any], expand: Callable[[Any], Any]) -> t
       stacked.append(column[0])
       axes.append(None)
     else:
-      stacked.append(jnp.stack([expand(jnp.asarray(x)) for x in column], axis=-1))
+      stacked.append(_stack_last(column, target_rank))
       axes.append(-1)
   return jax.tree.unflatten(treedef, stacked), jax.tree.unflatten(treedef, axes)
 
