@@ -211,15 +211,19 @@ def as_optax(aggregator: Aggregator, n_heads: int) -> aggregating.Aggregator:
 
 
 def bucket(t: int) -> int:
-  """The padded number of heads the Gramian methods run at: 16, or a multiple of 8.
+  """The padded number of heads the Gramian methods run at: T up to 4, then 16 or a multiple of 8.
 
   Padding heads are zero rows of the Gramian, marked absent by a mask; each
   method keeps them out (they never enter a support and get weight 0), so
   the weights of the real heads are unchanged, while every number of heads
-  up to 16 shares one compiled program (the solvers take seconds to compile
-  on a CPU and microseconds to run at that size) and larger numbers cost at
-  most 7 padding rows.
+  from 5 to 16 shares one compiled program (a second or two to compile on a
+  CPU) and larger numbers cost at most 7 padding rows. Up to 4 heads run at
+  their own size: those programs are small to compile, and a solve at 16
+  costs several times one at 2, which a long run of small steps (a toy
+  problem, thousands of steps in a scan) pays every step.
   """
+  if t <= 4:
+    return t
   return 16 if t <= 16 else 8 * -(-t // 8)
 
 

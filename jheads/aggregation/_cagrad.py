@@ -22,7 +22,10 @@ def cagrad_core(g, mask, *, c, norm_eps):
   b = jnp.matmul(gn, m, precision="highest") / n_real  # Gn 1/T: the heads' dots with g_0
   g0 = jnp.sqrt(jnp.maximum(jnp.sum(b) / n_real, 0))
   phi = c * g0
-  w_opt, norm = _solvers.cagrad_direction(gn, b, jnp.where(phi > 0, phi, 1), allowed=mask)
+  if t == 2:  # two real heads (bucket keeps T <= 4 unpadded): the closed form
+    w_opt, norm = _solvers.cagrad_two(gn, b, jnp.where(phi > 0, phi, 1))
+  else:
+    w_opt, norm = _solvers.cagrad_direction(gn, b, jnp.where(phi > 0, phi, 1), allowed=mask)
   # phi = 0 (c = 0, or a zero mean gradient): the linear problem's vertex.
   vertex = jnp.argmin(jnp.where(mask, b, jnp.inf))
   w_lin = jax.nn.one_hot(vertex, t, dtype=g.dtype)

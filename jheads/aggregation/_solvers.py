@@ -121,7 +121,14 @@ def _start(q_mat, q_vecs, simplex, allowed=None) -> ActiveSet:
   return ActiveSet(x, passive, kinv, jnp.int32(0))
 
 
-def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2, block=4):
+def _apply(kinv_flat, pending):
+  """`kinv + w cw'` on the flat `[B, m * m]` inverses."""
+  w, cw = pending
+  nb, m = w.shape
+  return kinv_flat + (w[:, :, None] * cw[:, None, :]).reshape(nb, m * m)
+
+
+def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2):
   """Runs the active-set method on `B` problems from `state`; refines them.
 
   The problems share `q_mat` and differ in `q_vecs` (`[B, T]`): products with
@@ -129,12 +136,16 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2, 
   `[B, m, m]` inverses once (the loop is written batched, not vmapped, so the
   finished problems cost no per-element select on them).
 
-  Each step either drops the first blocking passive index or adds up to
-  `block` of the most violated constraints at once (a block bordering: the
-  same one pass over `kinv` as adding one, so about a quarter of the steps
-  on problems with many conflicts); after `2 T` steps it adds one at a time,
-  which is Lawson and Hanson's rule and terminates. Indices outside
-  `allowed` (`[T]` bool; padding heads) never enter.
+  Each step either drops the first blocking passive index or adds the most
+  violated constraint (Lawson and Hanson's rule, which terminates): one
+  product of `kinv` with two vectors (the column of the index leaving and
+  the KKT column of the one entering) and one rank-one change of `kinv`,
+  a handful of fused kernels per step, which is what a step costs at these
+  sizes (blocks of entering indices took fewer steps but cost more than
+  they saved, and compiled several times slower). A constraint whose pivot
+  is at the rounding level (dependent on the passive heads) is refused for
+  the rest of the solve. Indices outside `allowed` (`[T]` bool; padding
+  heads) never enter.
   """
   nb, t = q_vecs.shape
   dtype = q_vecs.dtype
@@ -142,14 +153,24 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2, 
   kkt = _kkt(q_mat, simplex)
   h = _rhs(q_vecs, simplex)
   m = kkt.shape[0]
-  block = max(1, min(block, t))
   diag_max = jnp.max(jnp.abs(jnp.diagonal(q_mat)))
   abs_q = jnp.abs(q_mat)
   pivot_tol = 4 * t * eps * diag_max
+  kkt_diag = jnp.diagonal(kkt)
+  excluded0 = jnp.zeros((nb, t), bool) if allowed is None else jnp.broadcast_to(~allowed, (nb, t))
+  heads = jnp.arange(t)
 
   def step(carry):
-    st, s_full = carry.st, carry.s
-    active = ~carry.done
+    st, s_full, done, refused, pending = carry
+    st = st._replace(kinv=_apply(st.kinv, pending))
+    kinv3 = st.kinv.reshape(nb, m, m)
+    # One step of iterative refinement of the passive solutions, every step:
+    # the decisions below read their signs, and an updated inverse drifts
+    # (float32, ill-conditioned Gramians, many entries and drops).
+    mask = st.passive.astype(dtype)
+    r = mask * (h - jnp.matmul(s_full * mask, kkt, precision=_HI))
+    s_full = s_full + jnp.einsum("bij,bj->bi", kinv3, r, precision=_HI)
+    active = ~done
     prim = st.passive[:, :t]
     s = s_full[:, :t]
     blocked = prim & (s <= 0)
@@ -160,93 +181,73 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2, 
     ratio = jnp.where(blocked, jnp.where(gap > 0, st.x / jnp.where(gap > 0, gap, 1), 0), jnp.inf)
     k = jnp.argmin(ratio, axis=1)
     alpha = jnp.clip(jnp.min(ratio, axis=1), 0, 1)[:, None]
-    onehot_k = jax.nn.one_hot(k, m, dtype=dtype)
-    x_leave = jnp.where(prim & (onehot_k[:, :t] == 0), st.x + alpha * (s - st.x), 0)
+    x_leave = jnp.where(prim & (heads != k[:, None]), st.x + alpha * (s - st.x), 0)
 
-    # Enter: at x = s, the constraints with the most negative reduced gradients.
+    # Enter: at x = s, the constraint with the most negative reduced gradient,
+    # above the rounding level of its reduced gradient.
     x_enter = jnp.where(prim, jnp.maximum(s, 0), 0)
     grad = jnp.matmul(x_enter, q_mat, precision=_HI) + q_vecs
     noise = jnp.matmul(jnp.abs(x_enter), abs_q, precision=_HI) + jnp.abs(q_vecs)
     if simplex:
       grad = grad + s_full[:, t:]  # the passive multiplier: reduced gradient 0 there
       noise = noise + jnp.abs(s_full[:, t:])
-    # Rounding level of each reduced gradient: a constraint enters only above it.
-    excluded = prim if allowed is None else prim | ~allowed
-    cand = jnp.where(excluded, jnp.inf, grad + 8 * eps * noise)
-    neg_vals, idx = lax.top_k(-cand, block)
-    width = jnp.where(st.steps < 2 * t, block, 1)
-    valid = (neg_vals > 0) & (jnp.arange(block) < width) & ~infeasible[:, None] & active[:, None]
-    onehots = jnp.swapaxes(jax.nn.one_hot(idx, m, dtype=dtype), 1, 2)  # [B, m, block]
-    cols = jnp.einsum("ij,bjr->bir", kkt, onehots, precision=_HI)
+    cand = jnp.where(prim | refused, jnp.inf, grad + 8 * eps * noise)
+    j = jnp.argmin(cand, axis=1)
+    wants = (jnp.min(cand, axis=1) < 0) & ~infeasible & active
 
-    # kinv is read once per step: all candidate directions in one product.
-    rhs = jnp.concatenate([cols, onehot_k[:, :, None]], axis=2)
-    prod = jnp.einsum("bij,bjr->bir", st.kinv, rhs, precision=_HI)
-    z = prod[:, :, :block] - onehots
-    c = prod[:, :, block]
-    ck = jnp.sum(c * onehot_k, axis=1)
-    schur = jnp.einsum("bir,bis->brs", onehots, cols) - jnp.einsum(
-        "bir,bis->brs", cols, prod[:, :, :block], precision=_HI
-    )
-    # Sequential bordering inside the block (Gaussian elimination of the
-    # Schur complement, a rolled loop): skipped candidates (invalid, or a
-    # pivot at the rounding level: dependent on the passive heads) leave the
-    # rest intact.
-    eye_b = jnp.eye(block, dtype=dtype)
+    # kinv is read once per step: both candidate directions in one product.
+    onehot_k = jax.nn.one_hot(k, m, dtype=dtype)
+    onehot_j = jax.nn.one_hot(j, m, dtype=dtype)
+    col = kkt[j]  # [B, m]: kkt is symmetric
+    # kinv is symmetric: the column of k is its row, a gather.
+    c = jnp.take_along_axis(kinv3, k[:, None, None], axis=1)[:, 0, :]
+    y = jnp.einsum("bij,bj->bi", kinv3, col, precision=_HI)
+    ck = jnp.take_along_axis(c, k[:, None], axis=1)[:, 0]
+    schur = kkt_diag[j] - jnp.sum(col * y, axis=1)
+    enters = wants & (schur > pivot_tol)
+    refused = refused | ((wants & ~enters)[:, None] & (onehot_j[:, :t] > 0))
 
-    def eliminate(i, carry):
-      zz, sc, cf = carry
-      ei = eye_b[i]
-      piv = jnp.einsum("brs,r,s->b", sc, ei, ei)
-      ok = jnp.einsum("br,r->b", valid.astype(dtype), ei) > 0
-      ok &= piv > pivot_tol
-      inv = jnp.where(ok, 1 / jnp.where(ok, piv, 1), 0)
-      later = (jnp.arange(block) > i).astype(dtype)
-      f = jnp.einsum("brs,s->br", sc, ei) * inv[:, None] * later  # [B, block]
-      zi = jnp.einsum("bmr,r->bm", zz, ei)
-      zz = zz - zi[:, :, None] * f[:, None, :]
-      row_i = jnp.einsum("brs,r->bs", sc, ei)
-      sc = sc - f[:, :, None] * row_i[:, None, :]
-      return zz, sc, cf + inv[:, None] * ei
-
-    z, _, coefs = lax.fori_loop(0, block, eliminate, (z, schur, jnp.zeros((nb, block), dtype)))
-    zs = [z[:, :, i] for i in range(block)]
-    coefs = [coefs[:, i] for i in range(block)]
-    entered = jnp.stack(coefs, axis=1) != 0
-    can_enter = jnp.any(entered, axis=1)
-
-    # One low-rank change of kinv: the downdate of k (in the first slot), or
-    # the block bordering.
+    # One rank-one change of kinv: the downdate of k, or the bordering by j.
     drop = infeasible & active
-    ws = [jnp.where(infeasible[:, None], c, zs[0])] + zs[1:]
-    wcoefs = [jnp.where(drop, -1 / jnp.where(ck != 0, ck, 1), jnp.where(infeasible, 0, coefs[0]))]
-    wcoefs += [jnp.where(infeasible, 0, ci) for ci in coefs[1:]]
-    kinv = st.kinv
-    s_full_new = s_full
-    for w, wc in zip(ws, wcoefs):
-      # Elementwise outer products: one fused pass, no [B, m, m] temporaries.
-      kinv = kinv + w[:, :, None] * (wc[:, None] * w)[:, None, :]
-      s_full_new = s_full_new + (wc * jnp.sum(w * h, axis=1))[:, None] * w
+    w = jnp.where(infeasible[:, None], c, y - onehot_j)
+    coef = jnp.where(
+        drop, -1 / jnp.where(ck != 0, ck, 1), jnp.where(enters, 1 / jnp.where(enters, schur, 1), 0)
+    )
+    # kinv is carried flat, [B, m * m]: XLA's CPU loops over a [B, m, m]
+    # array ran 3 times slower than over the same entries in two dimensions.
+    # The change is applied at the start of the next step, from the carry:
+    # fused into this step, the selects making `coef` were recomputed for
+    # every entry of kinv (XLA's CPU pipeline drops optimization barriers).
+    pending = (w, coef[:, None] * w)
+    s_full = s_full + (coef * jnp.sum(w * h, axis=1))[:, None] * w
     x = jnp.where(infeasible[:, None], x_leave, x_enter)
     x = jnp.where(active[:, None], x, st.x)
-    added = jnp.any(onehots * entered[:, None, :] > 0, axis=2)
-    passive = jnp.where(drop[:, None], st.passive & (onehot_k == 0), st.passive | added)
-    done = carry.done | (~infeasible & ~can_enter)
-    return _Carry(ActiveSet(x, passive, kinv, st.steps + 1), s_full_new, done)
+    passive = jnp.where(
+        drop[:, None], st.passive & (onehot_k == 0), st.passive | (enters[:, None] & (onehot_j > 0))
+    )
+    done = done | (~infeasible & ~wants)
+    return ActiveSet(x, passive, st.kinv, st.steps + 1), s_full, done, refused, pending
 
   def cond(carry):
-    return ~jnp.all(carry.done) & (carry.st.steps < max_steps)
+    return ~jnp.all(carry[2]) & (carry[0].steps < max_steps)
 
   s0 = jnp.einsum("bij,bj->bi", state.kinv, h, precision=_HI)
-  carry = lax.while_loop(cond, step, _Carry(state, s0, jnp.zeros((nb,), bool)))
-  st = carry.st
+  flat = state._replace(kinv=state.kinv.reshape(nb, m * m))
+  none = (jnp.zeros((nb, m), dtype), jnp.zeros((nb, m), dtype))
+  st, s, _, _, pending = lax.while_loop(
+      cond, step, (flat, s0, jnp.zeros((nb,), bool), excluded0, none)
+  )
+  st = st._replace(kinv=_apply(st.kinv, pending).reshape(nb, m, m))
 
   # Iterative refinement of the passive solutions against the drift of kinv.
+  # A rolled loop: each unrolled copy is more kernels to compile.
   mask = st.passive.astype(dtype)
-  y = carry.s
-  for _ in range(refine):
+
+  def refine_once(_, y):
     r = h * mask - mask * jnp.matmul(y * mask, kkt, precision=_HI)
-    y = y + jnp.einsum("bij,bj->bi", st.kinv, r, precision=_HI)
+    return y + jnp.einsum("bij,bj->bi", st.kinv, r, precision=_HI)
+
+  y = lax.fori_loop(0, refine, refine_once, s)
   x = jnp.where(st.passive[:, :t], jnp.maximum(y[:, :t], 0), 0)
   return st._replace(x=x), y
 
@@ -384,6 +385,45 @@ def cagrad_direction(q_mat, b, phi, *, allowed=None, max_rounds=40):
   w = jnp.where(ok, jnp.maximum(w_piece, 0), c.w)
   w = w / jnp.sum(w)
   return w, norm(w)
+
+
+def cagrad_two(q_mat, b, phi):
+  """`cagrad_direction` for two heads, in closed form.
+
+  On the segment `w = (g, 1 - g)`, `w'Qw = a g^2 + 2 c g + d` with
+  `a = Q11 - 2 Q12 + Q22`, `c = Q12 - Q22`, `d = Q22`, and the objective's
+  derivative is `-beta + phi (a g + c) / sqrt(w'Qw)`, `beta = b2 - b1`. Its
+  second term is at most `phi sqrt(a)` in size (Cauchy-Schwarz), so when
+  `phi^2 a <= beta^2` the objective is monotone and the minimiser is the
+  vertex `beta` points to; otherwise the stationary point is
+  `g = (-c + beta sqrt((ad - c^2) / (phi^2 a - beta^2))) / a`, clipped to
+  `[0, 1]` (the objective is convex). One program of a few scalar
+  operations, where the root search runs several QPs per call: what a
+  two-task toy's hundred thousand steps pay.
+
+  Args:
+    q_mat: `[2, 2]` the (normalised) Gramian.
+    b: `[2]`, `Q 1 / 2`.
+    phi: scalar > 0.
+
+  Returns:
+    `(w, norm)`: `[2]` simplex weights and `sqrt(w'Qw)`.
+  """
+  dtype = b.dtype
+  q11, q12, q22 = q_mat[0, 0], q_mat[0, 1], q_mat[1, 1]
+  a = q11 - 2 * q12 + q22
+  c = q12 - q22
+  beta = b[1] - b[0]
+  det = jnp.maximum(q11 * q22 - q12**2, 0)
+  k = phi**2 * a - beta**2
+  interior = (k > 0) & (a > 0)
+  safe_k = jnp.where(interior, k, 1)
+  safe_a = jnp.where(interior, a, 1)
+  g_interior = (-c + beta * jnp.sqrt(det / safe_k)) / safe_a
+  g_vertex = jnp.where(beta > 0, 1, jnp.where(beta < 0, 0, 0.5)).astype(dtype)
+  g = jnp.clip(jnp.where(interior, g_interior, g_vertex), 0, 1)
+  w = jnp.stack([g, 1 - g])
+  return w, jnp.sqrt(jnp.maximum(jnp.dot(w, _mv(q_mat, w), precision=_HI), 0))
 
 
 # ----------------------------------------------------------------------------
