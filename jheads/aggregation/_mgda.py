@@ -35,7 +35,9 @@ def frank_wolfe(g, mask, epsilon, max_iters):
     return (gamma >= epsilon) & (k < max_iters)
 
   alpha0 = _base.mean_pref(mask, g.dtype)
-  alpha, _, _ = lax.while_loop(cond, body, (alpha0, jnp.asarray(jnp.inf, g.dtype), jnp.int32(0)))
+  alpha, _, _ = _solvers.while_loop(
+      cond, body, (alpha0, jnp.asarray(jnp.inf, g.dtype), jnp.int32(0))
+  )
   return alpha
 
 

@@ -55,6 +55,49 @@ def _mv(a, x):
   return jnp.matmul(a, x, precision=_HI)
 
 
+def while_loop(cond, body, init):
+  """`lax.while_loop`, staged so that `checkify` passes it through untouched.
+
+  The train steps' value checks functionalize with `checkify`, whose rule
+  for a while loop re-evaluates the condition inside the body under a
+  `dce_sink`; that effect makes jit dispatch take its Python path on every
+  call, 4 to 7 ms a step on a CPU, more than a whole small step. These
+  loops hold no checks, so they are wrapped in a `custom_vmap` (which
+  checkify has no rule for, and stages as it is) whose batching rule is the
+  plain vmap of the loop; jvp, vmap, pmap and shard_map see an ordinary
+  while loop. Values the body closes over are passed in explicitly, as
+  custom_vmap needs.
+  """
+  flat, tree = jax.tree.flatten(init)
+
+  def run_flat(*leaves):
+    def flat_cond(c):
+      return cond(jax.tree.unflatten(tree, c))
+
+    def flat_body(c):
+      return tuple(jax.tree.leaves(body(jax.tree.unflatten(tree, c))))
+
+    return list(lax.while_loop(flat_cond, flat_body, tuple(leaves)))
+
+  closed = jax.make_jaxpr(run_flat)(*flat)
+  n_consts = len(closed.consts)
+
+  def run(*args):
+    return jax.core.eval_jaxpr(closed.jaxpr, args[:n_consts], *args[n_consts:])
+
+  staged = jax.custom_batching.custom_vmap(run)
+
+  @staged.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    args = [
+        x if batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+        for x, batched in zip(args, in_batched)
+    ]
+    return jax.vmap(run)(*args), [True] * len(flat)
+
+  return jax.tree.unflatten(tree, staged(*closed.consts, *flat))
+
+
 class ActiveSet(NamedTuple):
   """Warm-startable state of the active-set QP solver, for `B` problems.
 
@@ -234,7 +277,7 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2):
   s0 = jnp.einsum("bij,bj->bi", state.kinv, h, precision=_HI)
   flat = state._replace(kinv=state.kinv.reshape(nb, m * m))
   none = (jnp.zeros((nb, m), dtype), jnp.zeros((nb, m), dtype))
-  st, s, _, _, pending = lax.while_loop(
+  st, s, _, _, pending = while_loop(
       cond, step, (flat, s0, jnp.zeros((nb,), bool), excluded0, none)
   )
   st = st._replace(kinv=_apply(st.kinv, pending).reshape(nb, m, m))
@@ -377,7 +420,7 @@ def cagrad_direction(q_mat, b, phi, *, allowed=None, max_rounds=40):
 
   st0 = simplex_start(q_mat, t_hi * b, allowed)
   c0 = Carry(t_hi, jnp.zeros((), dtype), t_hi, st0, st0.x[0], jnp.int32(0), jnp.bool_(False))
-  c = lax.while_loop(cond, body, c0)
+  c = while_loop(cond, body, c0)
   # Polish: the exact root on the final support, when it lies in the simplex.
   t_star = piece_root(c.st)
   w_piece = (_mv(c.st.kinv[0], e_last) + t_star * _mv(c.st.kinv[0], b_rhs))[:t_heads]
@@ -483,5 +526,5 @@ def nash_newton(corr, *, max_steps, reg):
     _, done, k = carry
     return ~done & (k < max_steps)
 
-  a, _, _ = lax.while_loop(cond, body, (a0, jnp.bool_(False), jnp.int32(0)))
+  a, _, _ = while_loop(cond, body, (a0, jnp.bool_(False), jnp.int32(0)))
   return a
