@@ -186,9 +186,12 @@ class HeadKernel(NamedTuple):
     value_checks: `(logits, labels, row_weights) -> {problem: ValueCheck}`,
       pure and vmappable, or None. The problems are static strings; the
       caller enforces them as `"<head>: <problem>"`.
-    screens: whether `prepare` adds the value checks to the loss as
-      `Batch.screen` when checks are on, so that a caller may enforce them
-      only when a loss comes out non-finite (they cost nothing otherwise).
+    screens: `(value_checks, prepare, loss_terms)` when `prepare` adds those
+      value checks to the batch as `Batch.screen` (with checks on) and
+      `loss_terms` adds it to the loss, else None. Then a caller may enforce
+      the checks only when a loss comes out non-finite, and they cost
+      nothing otherwise; `screened(kernel)` says whether that still holds (a
+      kernel with any of the three replaced is checked the plain way).
   """
 
   get_weights: Callable[[Features], Any]
@@ -200,7 +203,15 @@ class HeadKernel(NamedTuple):
   predictions: Callable[[Any], dict[str, jax.Array]]
   group_key: Hashable | None
   value_checks: Callable[..., dict[str, checks.ValueCheck]] | None = None
-  screens: bool = False
+  screens: tuple[Callable[..., Any], ...] | None = None
+
+
+def screened(kernel: HeadKernel) -> bool:
+  """Whether a kernel's value checks ride on its loss (see `HeadKernel.screens`)."""
+  return kernel.screens is not None and all(
+      a is b
+      for a, b in zip(kernel.screens, (kernel.value_checks, kernel.prepare, kernel.loss_terms))
+  )
 
 
 def check_inputs(kernel: HeadKernel, where: str, logits: Any, labels: Any, row_weights: Any) -> None:
@@ -432,7 +443,7 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
     weights = kernel.get_weights(features)
     # Staged checks of a screened head ride on its loss: checked in full
     # only when the loss comes out non-finite.
-    deferred = kernel.screens and checks.deferrable(logits, labels, weights)
+    deferred = screened(kernel) and checks.deferrable(logits, labels, weights)
     if deferred:
       kernel.validate(logits, labels, weights)
     else:
@@ -728,7 +739,7 @@ def standard_kernel(
       predictions=kernel_predictions,
       group_key=group_key,
       value_checks=value_checks,
-      screens=True,
+      screens=(value_checks, prepare, kernel_loss_terms),
   )
 
 
