@@ -16,6 +16,11 @@ on per-head abstractions would write). Figures:
   default) and `make_eval_step`;
 * the process' peak RSS.
 
+The floor takes the labels as jheads does, a dict keyed by head name,
+and stacks them itself; the `*_vs_array_floor` rows pair jheads with the
+floor fed labels already stacked per kind (no dict at all), and in cycling
+mode `*_vs_binary_floor` rows pair it with the T binary heads' floor.
+
 Step times are paired: each round times a few calls of jheads and of the
 floor back to back, and the ratio is taken within the round; the median
 round is reported, so load on a shared machine cancels out as far as it
@@ -107,14 +112,28 @@ def _layout(kinds: list[str]) -> dict[str, tuple[list[str], np.ndarray]]:
   return out
 
 
-def _floor_logits(logits: jax.Array, columns: np.ndarray) -> jax.Array:
-  """`[B, heads, dim]`: a slice when the kind's columns are contiguous, else one gather."""
-  flat = columns.reshape(-1)
-  if np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
-    block = logits[:, flat[0] : flat[0] + flat.size]
+def _floor_blocks(logits: jax.Array, layout: dict[str, Any]) -> dict[str, jax.Array]:
+  """Per kind `[B, heads, dim]`: one gather putting the kinds' columns in kind order
+  (none when each kind's columns are already contiguous), then one slice per kind."""
+  flat = np.concatenate([columns.reshape(-1) for _, columns in layout.values()])
+  if np.array_equal(flat, np.arange(flat.size)):
+    permuted = logits
   else:
-    block = logits[:, flat]
-  return block.reshape(logits.shape[0], *columns.shape)
+    permuted = logits[:, flat]
+  blocks, start = {}, 0
+  for kind, (_, columns) in layout.items():
+    block = permuted[:, start : start + columns.size]
+    blocks[kind] = block.reshape(logits.shape[0], *columns.shape)
+    start += columns.size
+  return blocks
+
+
+def stacked_labels(kinds: list[str], labels: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Per kind, its heads' labels as one `[B, heads]` array (the array floor's input)."""
+  return {
+      kind: np.stack([np.asarray(labels[n]) for n in names], axis=-1)
+      for kind, (names, _) in _layout(kinds).items()
+  }
 
 
 def _per_example_losses(kind: str, z: jax.Array, y: jax.Array) -> jax.Array:
@@ -125,34 +144,47 @@ def _per_example_losses(kind: str, z: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.square(z[..., 0] - y)
 
 
-def floor_losses(kinds: list[str]) -> Callable[[jax.Array, dict[str, jax.Array]], jax.Array]:
-  """`(logits, labels) -> sum of the heads' mean losses`, hand-written and stacked."""
+def _kind_labels(layout: dict[str, Any], labels: dict[str, Any], stacked: bool) -> dict[str, Any]:
+  if stacked:
+    return labels
+  return {
+      kind: jnp.stack([labels[n] for n in names], axis=-1) for kind, (names, _) in layout.items()
+  }
+
+
+def floor_losses(kinds: list[str], *, stacked: bool = False) -> Callable[..., jax.Array]:
+  """`(logits, labels) -> sum of the heads' mean losses`, hand-written and stacked.
+
+  Labels come as jheads takes them, a dict keyed by head name, or with
+  `stacked` as `stacked_labels` gives them.
+  """
   layout = _layout(kinds)
 
   def loss(logits, labels):
+    blocks, labels = _floor_blocks(logits, layout), _kind_labels(layout, labels, stacked)
     total = 0.0
-    for kind, (names, columns) in layout.items():
-      y = jnp.stack([labels[n] for n in names], axis=-1)
-      total = total + jnp.sum(_per_example_losses(kind, _floor_logits(logits, columns), y))
+    for kind in layout:
+      total = total + jnp.sum(_per_example_losses(kind, blocks[kind], labels[kind]))
     return total / logits.shape[0]
 
   return loss
 
 
-def floor_statistics(kinds: list[str]) -> Callable[..., dict[str, Any]]:
+def floor_statistics(kinds: list[str], *, stacked: bool = False) -> Callable[..., dict[str, Any]]:
   """`(logits, labels) -> {kind: {key: [heads] numerator and denominator}}`, hand-written.
 
   The statistics a jheads head of each kind reports by default, as stacked
-  arrays; `floor_values` turns them into the metric values.
+  arrays; `floor_values` turns them into the metric values. Labels as for
+  `floor_losses`.
   """
   layout = _layout(kinds)
   t = NUM_THRESHOLDS
 
   def statistics(logits, labels):
+    blocks, labels = _floor_blocks(logits, layout), _kind_labels(layout, labels, stacked)
     out = {}
-    for kind, (names, columns) in layout.items():
-      z = _floor_logits(logits, columns)
-      y = jnp.stack([labels[n] for n in names], axis=-1)
+    for kind, (names, _) in layout.items():
+      z, y = blocks[kind], labels[kind]
       losses = _per_example_losses(kind, z, y)
       n = jnp.asarray(logits.shape[0], jnp.float32)
       count = jnp.full(len(names), n)
@@ -331,7 +363,33 @@ def main(argv=None) -> dict[str, Any]:
   floor_eval_from_params = jax.jit(
       lambda p, x, labels: floor_statistics(kinds)(linear(p, x), labels)
   )
-  timed = paired_ms({
+  # The floor of floors: labels already stacked per kind, no dict to take apart.
+  array_labels = jax.device_put(stacked_labels(kinds, data["labels"]))
+  array_floor_eval = jax.jit(floor_statistics(kinds, stacked=True))
+  array_floor_train = jax.jit(sgd_step(floor_losses(kinds, stacked=True), optimizer))
+  array_train_args = (dev["params"], opt_state, dev["x"], array_labels)
+  start = time.perf_counter()
+  jax.block_until_ready(floor_eval(dev["logits"], dev["labels"]))
+  figures["floor_eval_first_call_s"] = time.perf_counter() - start
+  pairs = {}
+  if mode == "cycling":
+    # Issue 10: cycling kinds within 2x of the binary heads' stacked floor.
+    binary = head_kinds(num_heads, "binary")
+    binary_data = jax.device_put(make_data(binary))
+    binary_floor_eval = jax.jit(floor_statistics(binary))
+    binary_floor_train = jax.jit(sgd_step(floor_losses(binary), optimizer))
+    binary_opt_state = jax.device_put(optimizer.init(binary_data["params"]))
+    binary_train_args = (
+        binary_data["params"], binary_opt_state, binary_data["x"], binary_data["labels"]
+    )
+    pairs["eval_step_vs_binary_floor"] = (
+        lambda: eval_step(dev["logits"], dev["labels"]),
+        lambda: binary_floor_eval(binary_data["logits"], binary_data["labels"]),
+    )
+    pairs["train_step_vs_binary_floor"] = (
+        lambda: train(*train_args), lambda: binary_floor_train(*binary_train_args)
+    )
+  timed = paired_ms(pairs | {
       "eval_step": (
           lambda: eval_step(dev["logits"], dev["labels"]),
           lambda: floor_eval(dev["logits"], dev["labels"]),
@@ -345,6 +403,13 @@ def main(argv=None) -> dict[str, Any]:
       "make_eval_step": (
           lambda: eval_builder(dev["params"], features, dev["labels"]),
           lambda: floor_eval_from_params(dev["params"], dev["x"], dev["labels"]),
+      ),
+      "eval_step_vs_array_floor": (
+          lambda: eval_step(dev["logits"], dev["labels"]),
+          lambda: array_floor_eval(dev["logits"], array_labels),
+      ),
+      "train_step_vs_array_floor": (
+          lambda: train(*train_args), lambda: array_floor_train(*array_train_args)
       ),
   })
   for name, row in timed.items():
