@@ -135,8 +135,8 @@ class Batch(NamedTuple):
       when all do.
     label_present: bool, the labels' shape: which labels take part; None
       when all do.
-    screen: the unreduced loss' shape, 0 where the element's inputs pass
-      the head's value checks and NaN where they fail, or None. Added to the
+    screen: broadcasting to the unreduced loss' shape, 0 where the element's
+      inputs pass the head's value checks and -inf where they fail, or None. Added to the
       loss before it is summed, so that a finite loss proves the checks
       passed and the checks cost no pass of their own (`HeadKernel.screens`).
   """
@@ -360,13 +360,18 @@ def loss_terms(
     present: bool, `losses`' shape: the elements that take part, or None for
       all. Absent elements add nothing, whatever their loss, and are not
       counted by `sum_over_batch_size`.
-    screen: optionally, `Batch.screen`: 0, or NaN where a value check fails.
+    screen: optionally, `Batch.screen`: 0, or -inf where a value check fails.
   """
-  weighted = weights * losses
+  if screen is not None:
+    # Before the weights, in the losses' own layout (under vmap, mixing in
+    # an unbatched operand first would transpose the sum); a weight of 0
+    # gives 0 * -inf = NaN, still non-finite.
+    losses_screened = losses + screen
+  else:
+    losses_screened = losses
+  weighted = weights * losses_screened
   if present is not None:
     weighted = jnp.where(present, weighted, 0.0)
-  if screen is not None:
-    weighted = weighted + screen
   total = jnp.sum(weighted)
   if reduction == LossReduction.SUM:
     return LossTerms(total, None)
@@ -744,25 +749,31 @@ def standard_kernel(
 
 
 def screen_of(results: dict[str, checks.ValueCheck], logits: Any, loss_dim: int) -> jax.Array:
-  """`Batch.screen` from a head's value checks: 0 where every check holds, NaN elsewhere.
+  """`Batch.screen` from a head's value checks: 0 where every check holds, -inf elsewhere.
 
-  Each check's flags are brought to the unreduced loss' shape
-  `[D0..DN, loss_dim]`: flags over another last dimension (the logits of a
-  multi-class head) are reduced over it, flags of a whole batch broadcast.
+  Each check's flags are brought to a shape that broadcasts against the
+  unreduced loss `[D0..DN, loss_dim]`: flags over another last dimension
+  (the logits of a multi-class head) are reduced over it, flags of rows get
+  a last axis, flags of anything else are reduced to one. Only elementwise
+  ops and last-axis reductions, so that under `vmap` the heads' axis stays
+  where it is (a reshape or a scalar `where` would move it to the front,
+  and the loss would then be summed in a transposed copy).
   """
   rows = tuple(np.shape(logits)[:-1])
-  shape = rows + (loss_dim,)
-  ok = jnp.ones(shape, bool)
+  ok = None
   for check in results.values():
     flags = jnp.asarray(check.ok, bool)
-    if flags.size == math.prod(shape):
-      flags = flags.reshape(shape)
-    elif flags.size % max(math.prod(rows), 1) == 0 and flags.size >= math.prod(rows) > 0:
-      flags = jnp.all(flags.reshape(rows + (-1,)), axis=-1, keepdims=True)
-    else:
+    if flags.shape == rows:
+      flags = flags[..., None]
+    elif flags.shape[:-1] == rows and flags.shape[-1] not in (1, loss_dim):
+      flags = jnp.all(flags, axis=-1, keepdims=True)
+    elif flags.shape[:-1] != rows:
       flags = jnp.all(flags)
-    ok = ok & flags
-  return jnp.where(ok, 0.0, jnp.nan).astype(compute_dtype(jnp.asarray(logits).dtype))
+    ok = flags if ok is None else ok & flags
+  if ok is None:
+    return None
+  # log(1) = 0 where the checks pass, log(0) = -inf where one fails.
+  return jnp.log(ok.astype(compute_dtype(jnp.asarray(logits).dtype)))
 
 
 def _static_key(value: Any) -> Any:

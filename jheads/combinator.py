@@ -248,6 +248,10 @@ def multi_head(
     columns = [np.stack([np.arange(offsets[i], offsets[i + 1]) for i in g]) for g in stacked]
     order = np.concatenate([c.ravel() for c in columns])
     logits = jnp.asarray(logits)
+    if not np.array_equal(order, np.arange(order[0], order[0] + order.size)):
+      strides = [_column_stride(c) for c in columns]
+      if all(strides):
+        return groups, _strided_group_logits(logits, stacked, columns, strides)
     if np.array_equal(order, np.arange(order[0], order[0] + order.size)):
       permuted = logits[..., order[0] : order[0] + order.size]
     else:
@@ -262,29 +266,37 @@ def multi_head(
 
     return groups, group_logits
 
-  def checked_inputs(logits, labels, features) -> _Inputs:
+  def split_inputs(logits, labels, features, *, validate: bool = True) -> _Inputs:
     per_head_logits, own = split_for_checks(logits)
     per_head_labels = split_labels(labels)
     per_head_weights = [h.kernel.get_weights(features) for h in heads]
     if mask_column is not None:
       outer = checks.fetch_mask(_WHERE, features, mask_column)
       per_head_weights = [_with_outer_mask(w, outer) for w in per_head_weights]
-    for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
-      head.kernel.validate(lo, la, w)
+    if validate:
+      for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
+        head.kernel.validate(lo, la, w)
     per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
     inputs = _Inputs(per_head, *grouping(logits, per_head), stacked={})
     own_logits(logits, per_head, own, inputs.groups)
+    return inputs
+
+  def checked_inputs(logits, labels, features) -> _Inputs:
+    inputs = split_inputs(logits, labels, features)
+    per_head_weights = [w for _, _, w in inputs.per_head]
     if checks.should_check(logits, labels, per_head_weights):
       if checks.deferrable(logits, labels, per_head_weights):
         # Staged checks: a group that screens its loss is checked in full
         # only if a loss comes out non-finite (`enforce_deferred`).
         deferred = tuple(
-            g for g, indices in enumerate(inputs.groups) if base.screened(heads[indices[0]].kernel)
+            g
+            for g, indices in enumerate(inputs.groups)
+            if base.screened(heads[indices[0]].kernel)
         )
         inputs = inputs._replace(deferred=deferred)
       value_checks(inputs, [g for g in range(len(inputs.groups)) if g not in inputs.deferred])
     else:
-      for head, (lo, la, w) in zip(heads, per_head):
+      for head, (lo, la, w) in zip(heads, inputs.per_head):
         base.check_inputs(head.kernel, head.config.description, lo, la, w)
     return inputs
 
@@ -313,21 +325,26 @@ def multi_head(
           [heads[i].config.description for i in indices], {p: results[p] for p in order}
       )
 
-  def enforce_deferred(inputs: _Inputs, losses: Any, finally_: Callable[[], None]) -> None:
+  def enforce_deferred(
+      raw: tuple[Any, Any, Any], inputs: _Inputs, losses: Any, finally_: Callable[[], None]
+  ) -> None:
     """The deferred groups' value checks, then `finally_()`, run only if `losses` are not all finite.
 
-    A failed check of a screened head makes its loss NaN, so finite losses
-    prove that the deferred checks pass.
+    A failed check of a screened head makes its loss non-finite, so finite losses
+    prove that the deferred checks pass. The checks' branch takes the call's
+    own `(logits, labels, features)` and splits and stacks them itself:
+    closing over the stacked group inputs of the losses, it would make XLA
+    copy them into the layouts the branch prefers on every step, taken or not.
     """
     if not inputs.deferred:
       finally_()
       return
 
-    def diagnose():
-      value_checks(inputs, inputs.deferred)
+    def diagnose(raw):
+      value_checks(split_inputs(*raw, validate=False), inputs.deferred)
       finally_()
 
-    jax.lax.cond(jnp.all(jnp.isfinite(losses)), lambda: None, diagnose)
+    jax.lax.cond(jnp.all(jnp.isfinite(losses)), lambda raw: None, diagnose, raw)
 
   def enforce_finite(what: str, indices: Any, ok: Any) -> None:
     """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
@@ -371,6 +388,7 @@ def multi_head(
     weights = weights[order]
     if checks.should_check(losses, weights):
       enforce_deferred(
+          (logits, labels, features),
           inputs,
           losses,
           lambda: enforce_finite("the loss", order, jnp.isfinite(losses) | (weights == 0)),
@@ -406,7 +424,10 @@ def multi_head(
     ]
     if inputs.deferred:
       enforce_deferred(
-          inputs, jnp.concatenate([losses for _, losses, _ in evaluated]), lambda: None
+          (logits, labels, features),
+          inputs,
+          jnp.concatenate([losses for _, losses, _ in evaluated]),
+          lambda: None,
       )
     for indices, group_losses, stats in evaluated:
       if checks.should_check(group_losses, stats):
@@ -653,6 +674,40 @@ def _stack_or_share_leaves(
       stacked.append(_stack_last(column, target_rank))
       axes.append(-1)
   return jax.tree.unflatten(treedef, stacked), jax.tree.unflatten(treedef, axes)
+
+
+def _column_stride(columns: np.ndarray) -> int | None:
+  """The step between like heads' logits columns `[G, d]` when it is constant (and >= d)."""
+  steps = np.diff(columns[:, 0])
+  if steps.size and steps[0] >= columns.shape[1] and np.all(steps == steps[0]):
+    return int(steps[0])
+  return None
+
+
+def _strided_group_logits(
+    logits: Any, groups: list[list[int]], columns: list[np.ndarray], strides: list[int]
+) -> Callable[[list[int]], Any]:
+  """`indices -> [D0..DN, d, G]` by strided slices, for groups at a constant stride.
+
+  Heads that cycle through kinds (binary, 5-way, regression, binary, ...)
+  put each kind's columns at a constant stride: `d` strided slices per
+  group read them, where a permuting gather would cost about as much as
+  the heads' losses (and its gradient a scatter).
+  """
+  blocks = {}
+  for g, c, stride in zip(groups, columns, strides):
+    first, last = int(c[0, 0]), int(c[-1, 0])
+    blocks[tuple(g)] = (first, last, stride, c.shape[1])
+
+  def group_logits(indices):
+    first, last, stride, dim = blocks[tuple(indices)]
+    parts = [
+        jax.lax.slice_in_dim(logits, first + j, last + j + 1, stride, axis=logits.ndim - 1)
+        for j in range(dim)
+    ]
+    return jnp.stack(parts, axis=-2)
+
+  return group_logits
 
 
 def _heads_last(block: Any, shape: tuple[int, int]) -> Any:
