@@ -248,10 +248,6 @@ def multi_head(
     columns = [np.stack([np.arange(offsets[i], offsets[i + 1]) for i in g]) for g in stacked]
     order = np.concatenate([c.ravel() for c in columns])
     logits = jnp.asarray(logits)
-    if not np.array_equal(order, np.arange(order[0], order[0] + order.size)):
-      strides = [_column_stride(c) for c in columns]
-      if all(strides):
-        return groups, _strided_group_logits(logits, stacked, columns, strides)
     if np.array_equal(order, np.arange(order[0], order[0] + order.size)):
       permuted = logits[..., order[0] : order[0] + order.size]
     else:
@@ -674,40 +670,6 @@ def _stack_or_share_leaves(
       stacked.append(_stack_last(column, target_rank))
       axes.append(-1)
   return jax.tree.unflatten(treedef, stacked), jax.tree.unflatten(treedef, axes)
-
-
-def _column_stride(columns: np.ndarray) -> int | None:
-  """The step between like heads' logits columns `[G, d]` when it is constant (and >= d)."""
-  steps = np.diff(columns[:, 0])
-  if steps.size and steps[0] >= columns.shape[1] and np.all(steps == steps[0]):
-    return int(steps[0])
-  return None
-
-
-def _strided_group_logits(
-    logits: Any, groups: list[list[int]], columns: list[np.ndarray], strides: list[int]
-) -> Callable[[list[int]], Any]:
-  """`indices -> [D0..DN, d, G]` by strided slices, for groups at a constant stride.
-
-  Heads that cycle through kinds (binary, 5-way, regression, binary, ...)
-  put each kind's columns at a constant stride: `d` strided slices per
-  group read them, where a permuting gather would cost about as much as
-  the heads' losses (and its gradient a scatter).
-  """
-  blocks = {}
-  for g, c, stride in zip(groups, columns, strides):
-    first, last = int(c[0, 0]), int(c[-1, 0])
-    blocks[tuple(g)] = (first, last, stride, c.shape[1])
-
-  def group_logits(indices):
-    first, last, stride, dim = blocks[tuple(indices)]
-    parts = [
-        jax.lax.slice_in_dim(logits, first + j, last + j + 1, stride, axis=logits.ndim - 1)
-        for j in range(dim)
-    ]
-    return jnp.stack(parts, axis=-2)
-
-  return group_logits
 
 
 def _heads_last(block: Any, shape: tuple[int, int]) -> Any:
