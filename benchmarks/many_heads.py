@@ -368,9 +368,6 @@ def main(argv=None) -> dict[str, Any]:
   array_floor_eval = jax.jit(floor_statistics(kinds, stacked=True))
   array_floor_train = jax.jit(sgd_step(floor_losses(kinds, stacked=True), optimizer))
   array_train_args = (dev["params"], opt_state, dev["x"], array_labels)
-  start = time.perf_counter()
-  jax.block_until_ready(floor_eval(dev["logits"], dev["labels"]))
-  figures["floor_eval_first_call_s"] = time.perf_counter() - start
   pairs = {}
   if mode == "cycling":
     # Issue 10: cycling kinds within 2x of the binary heads' stacked floor.
