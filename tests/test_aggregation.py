@@ -5,8 +5,8 @@ protocol: jit, vmap, pytree Jacobians, dtypes, state, as_optax, devices, bad inp
 The reference file holds Jacobians with T = 1..10 and 40 heads (its generator
 is tests/reference/make_torchjd_aggregation_vectors.py); no torch at test
 time. The Gramian methods run, as the public functions do, on Gramians padded
-to `bucket(T)` heads (16, or a multiple of 8), so all the cases of a bucket go
-through one compiled, vmapped core per method. Compilation is most of this
+to `bucket(T)` heads (T itself up to 4, then 16 or a multiple of 8), so all
+the cases of a bucket go through one compiled core per method. Compilation is most of this
 file's time.
 
 A deviation is `max |ours - ref| / scale` over the update's entries,
@@ -44,6 +44,7 @@ from jheads.aggregation import _imtl_g
 from jheads.aggregation import _mgda
 from jheads.aggregation import _nash_mtl
 from jheads.aggregation import _pcgrad
+from jheads.aggregation import _solvers
 from jheads.aggregation import _upgrad
 
 DATA = json.loads((pathlib.Path(__file__).parent / "data" / "torchjd_aggregation.json").read_text())
@@ -214,6 +215,63 @@ def test_cagrad_is_the_exact_optimum():
         continue
       assert deviation(update_of(res[key][case["name"]], case), update_of(ref, case), case) < 1e-9, (
           key, case["name"])
+
+
+def test_cagrad_two_heads_closed_form_is_the_root_search():
+  # Two heads skip the root search (`_solvers.cagrad_two`); on Gramians
+  # conflicting, aligned, collinear and opposed, both give the same optimum.
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    closed, search = jax.jit(_solvers.cagrad_two), jax.jit(_solvers.cagrad_direction)
+    for i in range(60):
+      j = rng.normal(size=(2, 3))
+      if i % 4 == 1:
+        j[1] = -rng.uniform(0.1, 3) * j[0]
+      elif i % 4 == 2:
+        j[1] = rng.uniform(0.1, 3) * j[0]
+      q = j @ j.T / np.trace(j @ j.T)
+      b = q.sum(1) / 2
+      phi = rng.uniform(0.05, 2) * np.sqrt(max(b.sum() / 2, 1e-12))
+      w2, n2 = closed(jnp.asarray(q), jnp.asarray(b), phi)
+      ws, ns = search(jnp.asarray(q), jnp.asarray(b), phi)
+
+      def objective(w):
+        return float(w @ b + phi * np.sqrt(max(w @ q @ w, 0.0)))
+
+      assert np.all(np.asarray(w2) >= 0) and abs(float(np.sum(w2)) - 1) < 1e-12
+      assert objective(np.asarray(w2)) <= objective(np.asarray(ws)) + 1e-8, i
+      quad = max(float(np.asarray(w2) @ q @ np.asarray(w2)), 0.0)  # 0 for opposed heads
+      np.testing.assert_allclose(n2, np.sqrt(quad), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad", "nash_mtl"])
+def test_solver_loops_leave_checkify_no_effect(name):
+  # The train steps' value checks run through checkify; its while-loop rule
+  # adds an effect that sends every jit call down the Python dispatch path.
+  # The solvers' loops are staged past it (`_solvers.while_loop`).
+  from jax.experimental import checkify
+
+  agg = getattr(aggregation, name)()
+  for t in (2, 10):
+    fn = checkify.checkify(lambda g: agg.weights(g, agg.init(t))[0], errors=checkify.user_checks)
+    assert jax.make_jaxpr(fn)(jnp.eye(t)).effects == set(), (name, t)
+
+
+def test_while_loop_under_vmap_jvp_and_checkify():
+  def solve(q, x):
+    return _solvers.while_loop(lambda c: c[1] < 5, lambda c: (c[0] * q + 1, c[1] + 1), (x, 0))[0]
+
+  def expected(q, x):
+    for _ in range(5):
+      x = x * q + 1
+    return x
+
+  q, x = jnp.array([0.5, 0.25]), jnp.ones((2, 3))
+  np.testing.assert_allclose(jax.vmap(solve)(q, x), jax.vmap(expected)(q, x), rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(solve, (None, 0))(q[0], x), expected(q[0], x), rtol=1e-6)
+  _, tangent = jax.jvp(lambda a: solve(a, x[0]), (q[0],), (jnp.float32(1.0),))
+  _, expected_tangent = jax.jvp(lambda a: expected(a, x[0]), (q[0],), (jnp.float32(1.0),))
+  np.testing.assert_allclose(tangent, expected_tangent, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------

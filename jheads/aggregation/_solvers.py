@@ -25,19 +25,26 @@ takes 0.3 ms on the 2-core CPU this was measured on), for 10 to 20 steps.
 
 The QPs use a primal active-set method (Lawson and Hanson's NNLS, 1974, ch.
 23; for the simplex, Wolfe's 1976 min-norm-point algorithm has the same
-structure): the passive set grows by the most violated constraints or
+structure): the passive set grows by the most violated constraint or
 shrinks by the first blocking one, and on the passive set the equality-
 constrained minimiser is exact. It terminates in finitely many steps (in
-practice the size of the final support divided by the block of entering
-constraints, plus a few), each step `O(B T^2)`: the inverse of the passive
-block of the KKT matrix is kept explicitly and changed by one low-rank term
-per step (block bordering when indices enter, the Schur-complement downdate
-when one leaves), which needs only products, no factorisation and no
-triangular solves. Because an updated inverse drifts, the final passive
-solution is refined with its own residual (iterative refinement) before it
-is returned; in float32 the weights then agree with the float64 solution of
-the same Gramian to about 1e-8 on well-conditioned Gramians (to
-`eps * condition` in general: benchmarks/aggregation_solvers.py).
+practice about the size of the final support, plus the drops), each step
+`O(B T^2)`: the inverse of the passive block of the KKT matrix is kept
+explicitly and changed by one rank-one term per step (bordering when an
+index enters, the Schur-complement downdate when one leaves), which needs
+only products, no factorisation and no triangular solves. Because an
+updated inverse drifts, the passive solutions are refined with their own
+residual (iterative refinement) at every step, whose decisions read their
+signs, and again before they are returned; in float32 the weights then
+agree with the float64 solution of the same Gramian to about 1e-8 on
+well-conditioned Gramians (to `eps * condition` in general:
+benchmarks/aggregation_solvers.py).
+
+What a step costs on a CPU is its kernels, not its flops (T <= 100): a step
+is a handful of fused kernels, with the pass over the `[B, m, m]` inverses
+the largest (carried flat, `[B, m * m]`, and updated from the carry; see
+`_solve`). A first version entered blocks of 4 indices per step, in a third
+of the steps, but each step was several times dearer and compiled slower.
 """
 
 from __future__ import annotations
@@ -175,20 +182,17 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2):
   """Runs the active-set method on `B` problems from `state`; refines them.
 
   The problems share `q_mat` and differ in `q_vecs` (`[B, T]`): products with
-  the shared matrix are `[B, T] x [T, T]`, and each step reads and writes the
-  `[B, m, m]` inverses once (the loop is written batched, not vmapped, so the
-  finished problems cost no per-element select on them).
+  the shared matrix are `[B, T] x [T, T]` (the loop is written batched, not
+  vmapped, so the finished problems cost no per-element select on them).
 
   Each step either drops the first blocking passive index or adds the most
-  violated constraint (Lawson and Hanson's rule, which terminates): one
-  product of `kinv` with two vectors (the column of the index leaving and
-  the KKT column of the one entering) and one rank-one change of `kinv`,
-  a handful of fused kernels per step, which is what a step costs at these
-  sizes (blocks of entering indices took fewer steps but cost more than
-  they saved, and compiled several times slower). A constraint whose pivot
-  is at the rounding level (dependent on the passive heads) is refused for
-  the rest of the solve. Indices outside `allowed` (`[T]` bool; padding
-  heads) never enter.
+  violated constraint (Lawson and Hanson's rule, which terminates): two
+  products of `kinv` with a vector (a refinement step of the passive
+  solutions, then the KKT column of the index entering), a gather of the
+  row of the index leaving, and one rank-one change of `kinv`. A constraint
+  whose pivot is at the rounding level (dependent on the passive heads) is
+  refused for the rest of the solve. Indices outside `allowed` (`[T]` bool;
+  padding heads) never enter.
   """
   nb, t = q_vecs.shape
   dtype = q_vecs.dtype
@@ -238,7 +242,6 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2):
     j = jnp.argmin(cand, axis=1)
     wants = (jnp.min(cand, axis=1) < 0) & ~infeasible & active
 
-    # kinv is read once per step: both candidate directions in one product.
     onehot_k = jax.nn.one_hot(k, m, dtype=dtype)
     onehot_j = jax.nn.one_hot(j, m, dtype=dtype)
     col = kkt[j]  # [B, m]: kkt is symmetric
@@ -256,8 +259,8 @@ def _solve(q_mat, q_vecs, state, *, simplex, max_steps, allowed=None, refine=2):
     coef = jnp.where(
         drop, -1 / jnp.where(ck != 0, ck, 1), jnp.where(enters, 1 / jnp.where(enters, schur, 1), 0)
     )
-    # kinv is carried flat, [B, m * m]: XLA's CPU loops over a [B, m, m]
-    # array ran 3 times slower than over the same entries in two dimensions.
+    # kinv is carried flat, [B, m * m]: XLA's CPU loops over a [40, 40, 40]
+    # array ran 3 to 4 times slower than over the same entries as [40, 1600].
     # The change is applied at the start of the next step, from the carry:
     # fused into this step, the selects making `coef` were recomputed for
     # every entry of kinv (XLA's CPU pipeline drops optimization barriers).
