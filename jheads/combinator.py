@@ -46,8 +46,8 @@ class _Inputs(NamedTuple):
       loss comes out non-finite.
     stacked: each group's stacked inputs, once built (`_group_inputs`): the
       value checks, the losses and the statistics of a call share them, so
-      a thousand labels are stacked once, and a `lax.cond` that checks
-      them closes over one array per group, not one per head.
+      a thousand labels are stacked once. (The deferred checks' `lax.cond`
+      splits and stacks its own, see `enforce_deferred`.)
   """
 
   per_head: list[tuple[Any, Any, Any]]
