@@ -321,6 +321,8 @@ class StepErrors:
     leaves = self._leaves
     if not leaves or not is_concrete(leaves):
       return None
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+      return None  # `jax.eval_shape` of a step: shapes only, nothing to read.
     if any(np.ndim(x) for x in leaves):
       # Stacked over devices (pmap with mapped outputs): the first failure.
       for i in range(np.shape(leaves[0])[0]):

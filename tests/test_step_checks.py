@@ -288,3 +288,10 @@ def test_plain_step_given_a_train_state_says_what_it_takes():
   step = jax.jit(training.make_train_step(HEAD, apply_fn, optimizer))
   with pytest.raises(ValueError, match="takes the optimizer's state, optimizer.init"):
     step(params, state, *make_batch())
+
+
+def test_eval_shape_of_a_checked_step_reads_shapes():
+  step = training.make_train_step(HEAD, apply_fn, optax.sgd(0.1))
+  params = init_params()
+  _, _, out = jax.eval_shape(step, params, optax.sgd(0.1).init(params), *make_batch())
+  assert out.loss.shape == () and out.head_losses.stacked.shape == (len(HEADS),)
