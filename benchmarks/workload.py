@@ -117,7 +117,7 @@ class Settings:
   breakdown_calls: int  # calls per breakdown block
 
 
-QUICK = Settings(64, 16, 5, 5, 1, 1, 5, 50)
+QUICK = Settings(64, 16, 5, 3, 1, 1, 3, 50)
 FULL = Settings(64, 16, 5, 15, 3, 3, 15, 200)
 
 
