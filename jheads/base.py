@@ -366,10 +366,8 @@ def loss_terms(
     # Before the weights, in the losses' own layout (under vmap, mixing in
     # an unbatched operand first would transpose the sum); a weight of 0
     # gives 0 * -inf = NaN, still non-finite.
-    losses_screened = losses + screen
-  else:
-    losses_screened = losses
-  weighted = weights * losses_screened
+    losses = losses + screen
+  weighted = weights * losses
   if present is not None:
     weighted = jnp.where(present, weighted, 0.0)
   total = jnp.sum(weighted)
@@ -456,15 +454,17 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
     loss = reduce_loss(kernel.loss_terms(batch), axis_name)
 
-    def enforce():
-      if deferred:
-        checks.enforce(where, kernel.value_checks(logits, labels, weights))
+    def require_finite_loss():
       checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
 
+    def diagnose():
+      checks.enforce(where, kernel.value_checks(logits, labels, weights))
+      require_finite_loss()
+
     if deferred:
-      jax.lax.cond(jnp.all(jnp.isfinite(loss)), lambda: None, enforce)
+      checks.unless_finite(loss, diagnose)
     else:
-      enforce()
+      require_finite_loss()
     return loss
 
   def metric_fn(logits, labels, features=None, *, axis_name=None):
@@ -680,7 +680,7 @@ def standard_kernel(
 
   def prepare(logits, labels, row_weights):
     screen = None
-    if checks.deferrable(logits, labels, row_weights):
+    if checks.screening(logits, labels, row_weights):
       screen = screen_of(value_checks(logits, labels, row_weights), logits, loss_dim)
     logits = jnp.asarray(logits)
     logits = logits.astype(compute_dtype(logits.dtype))

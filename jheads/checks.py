@@ -201,9 +201,29 @@ def varying(tree: Any) -> bool:
   return False
 
 
+def screening(*operands: Any) -> bool:
+  """Whether a screened head adds its value checks on `operands` to its loss (`Batch.screen`).
+
+  Whenever checks are staged and could be deferred: a superset of
+  `deferrable`, so that checks are never deferred behind a loss that does
+  not carry them.
+  """
+  return checks_enabled() and not varying(operands)
+
+
 def deferrable(*operands: Any) -> bool:
   """Whether value checks on traced `operands` may be deferred behind a screened loss."""
-  return checks_enabled() and not is_concrete(*operands) and not varying(operands)
+  return screening(*operands) and not is_concrete(*operands)
+
+
+def unless_finite(values: Any, enforce: Callable[..., None], *operands: Any) -> None:
+  """Stages `enforce(*operands)` to run only when some of `values` are not finite.
+
+  How deferred checks run: a screened loss is finite exactly when its
+  checks pass, so the checks in full (to name the head and the problem)
+  are needed only otherwise.
+  """
+  jax.lax.cond(jnp.all(jnp.isfinite(values)), lambda *_: None, enforce, *operands)
 
 
 def should_check(*operands: Any) -> bool:

@@ -340,7 +340,7 @@ def multi_head(
       value_checks(split_inputs(*raw, validate=False), inputs.deferred)
       finally_()
 
-    jax.lax.cond(jnp.all(jnp.isfinite(losses)), lambda raw: None, diagnose, raw)
+    checks.unless_finite(losses, diagnose, raw)
 
   def enforce_finite(what: str, indices: Any, ok: Any) -> None:
     """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
