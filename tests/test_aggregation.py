@@ -363,6 +363,65 @@ def _qps(g, u):
   return _upgrad.dual_cone_weights(g, u, 1e-4, 1e-4)
 
 
+def _solver_gramian(t, kind, seed=0):
+  """benchmarks/aggregation_solvers.py's Gramians: P = 700 Gaussian, or singular values 1..1e-1."""
+  rng = np.random.default_rng(seed)
+  if kind == "well":
+    j = rng.normal(size=(t, 700)) / np.sqrt(700)
+  else:
+    u, _, vt = np.linalg.svd(rng.normal(size=(t, 700)), full_matrices=False)
+    j = (u * np.logspace(0, -1, t)) @ vt
+  return j @ j.T
+
+
+def _upgrad_qps(gram, dtype):
+  t = gram.shape[0]
+  gh = jnp.asarray(gram / np.trace(gram) + 1e-4 * np.eye(t), dtype)
+  return gh, jnp.eye(t, dtype=dtype) / t @ gh
+
+
+@pytest.mark.parametrize("kind", ["well", "ill"])
+def test_upgrad_float32_is_float64_to_1e5_at_40_heads(kind):
+  # Issue 11: the float32 solve (block pivoting, `_solvers._pivot`, not its
+  # active-set fallback) within 1e-5 of the float64 solution at T = 40.
+  gram = _solver_gramian(40, kind)
+  a = aggregation.upgrad()
+  w32 = np.asarray(jax.jit(lambda g: a.weights(g, a.init(40))[0])(jnp.asarray(gram, jnp.float32)))
+  with jax.enable_x64(True):
+    w64 = np.asarray(jax.jit(lambda g: a.weights(g, a.init(40))[0])(jnp.asarray(gram)))
+    ref = _upgrad.dual_cone_weights(jnp.asarray(gram), jnp.eye(40) / 40, 1e-4, 1e-4)
+    exact = np.asarray(_solvers.nonneg_qp(*_upgrad_qps(gram, jnp.float64), max_iters=0))
+  np.testing.assert_allclose(w32, w64, atol=1e-5, rtol=0)
+  # float64 pivoting is the active-set method's solution, to rounding.
+  np.testing.assert_allclose(np.asarray(ref) - np.eye(40) / 40, exact, atol=1e-12, rtol=0)
+  _, done, iters = jax.jit(functools.partial(_solvers._pivot, max_iters=352, cg_steps=84))(
+      *_upgrad_qps(gram, jnp.float32)
+  )
+  assert bool(jnp.all(done)) and int(iters) < 100, int(iters)
+
+
+def test_nonneg_qp_pivoting_safeguards_and_fallback():
+  # Every path of `_pivot` ends at the active-set method's solution: with no
+  # repeated full exchanges (Murty's single ones as soon as the count of
+  # infeasible indices does not drop), with exact solves before every
+  # exchange, and, when the pivoting is cut short, through the fallback.
+  with jax.enable_x64(True):
+    gh, q = _upgrad_qps(_solver_gramian(12, "ill", seed=3), jnp.float64)
+    exact = np.asarray(_solvers.nonneg_qp(gh, q, max_iters=0))
+    assert np.sum(exact > 0) >= 12  # a problem with exchanges to make
+    pivot = functools.partial(_solvers._pivot, max_iters=200, cg_steps=28)
+    for kwargs in ({}, {"backup": 0}, {"loose": 0.0}, {"loose": 0.5, "backup": 0}):
+      x, done, _ = jax.jit(functools.partial(pivot, **kwargs))(gh, q)
+      assert bool(jnp.all(done)), kwargs
+      np.testing.assert_allclose(np.asarray(x), exact, atol=1e-13, rtol=0, err_msg=str(kwargs))
+    _, done, iters = jax.jit(functools.partial(_solvers._pivot, max_iters=3, cg_steps=28))(gh, q)
+    assert int(iters) == 3 and not bool(jnp.all(done))
+    cut = jax.jit(functools.partial(_solvers.nonneg_qp, max_iters=3))(gh, q)
+    np.testing.assert_allclose(np.asarray(cut), exact, atol=1e-13, rtol=0)
+    batched = jax.vmap(functools.partial(_solvers.nonneg_qp, max_iters=3))(jnp.stack([gh, gh]), jnp.stack([q, q]))
+    np.testing.assert_allclose(np.asarray(batched), np.stack([exact, exact]), atol=1e-13, rtol=0)
+
+
 # ----------------------------------------------------------------------------
 # Degenerate inputs: the design's table.
 
