@@ -58,8 +58,9 @@ def upgrad(
 
   Equals torchjd 0.18's `UPGrad` (`aggregation/_upgrad.py` with
   `_linalg/_dual_cone.py`'s quadprog projector, same `norm_eps` and
-  `reg_eps`). The `T` QPs are solved exactly by an active-set method
-  (`_solvers.nonneg_qp`) inside jit, in float64 when x64 is enabled.
+  `reg_eps`). The `T` QPs are solved exactly inside jit, all at once, by
+  block principal pivoting with an active-set fallback
+  (`_solvers.nonneg_qp`), in float64 when x64 is enabled.
   `reg_eps` is part of the definition: with `g2 = -g1` the weights are
   `[0.9999, 0.9999]`, not `[1, 1]`, exactly as torchjd's.
 
