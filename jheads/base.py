@@ -135,10 +135,12 @@ class Batch(NamedTuple):
       when all do.
     label_present: bool, the labels' shape: which labels take part; None
       when all do.
-    screen: broadcasting to the unreduced loss' shape, 0 where the element's
-      inputs pass the head's value checks and -inf where they fail, or None. Added to the
-      loss before it is summed, so that a finite loss proves the checks
-      passed and the checks cost no pass of their own (`HeadKernel.screens`).
+    screen: int32, broadcasting to the unreduced loss' shape: 0 where the
+      element's inputs pass the head's value checks, else `K - k` for the
+      first of its K problems (in `value_checks`' order), k, that fails; or
+      None. `loss_terms` reduces it beside the loss (`LossTerms.failed`), so
+      the checks ride on the loss' own pass over the batch
+      (`HeadKernel.screens`).
   """
 
   logits: jax.Array
@@ -160,11 +162,16 @@ class LossTerms(NamedTuple):
   `{"softmax": 1.0, "mean_squared": 0.25}`) has `[K]` totals and
   denominators and their `component_weights`: it reduces to
   `sum_k a_k * total_k / denominator_k`.
+
+  `failed`, with a `Batch.screen`, is the largest screen value: 0 when every
+  value check passed, else `K - k` for the first problem k that failed
+  (`checks.enforce_screens` names it).
   """
 
   total: jax.Array
   denominator: jax.Array | None
   component_weights: jax.Array | None = None
+  failed: jax.Array | None = None
 
 
 class HeadKernel(NamedTuple):
@@ -188,10 +195,11 @@ class HeadKernel(NamedTuple):
       caller enforces them as `"<head>: <problem>"`.
     screens: `(value_checks, prepare, loss_terms)` when `prepare` adds those
       value checks to the batch as `Batch.screen` (with checks on) and
-      `loss_terms` adds it to the loss, else None. Then a caller may enforce
-      the checks only when a loss comes out non-finite, and they cost
-      nothing otherwise; `screened(kernel)` says whether that still holds (a
-      kernel with any of the three replaced is checked the plain way).
+      `loss_terms` reduces it to `LossTerms.failed`, else None. Then a caller
+      may enforce the checks from `failed` (`checks.enforce_screens`), at
+      next to no cost of their own; `screened(kernel)` says whether that
+      still holds (a kernel with any of the three replaced is checked the
+      plain way).
   """
 
   get_weights: Callable[[Features], Any]
@@ -360,19 +368,18 @@ def loss_terms(
     present: bool, `losses`' shape: the elements that take part, or None for
       all. Absent elements add nothing, whatever their loss, and are not
       counted by `sum_over_batch_size`.
-    screen: optionally, `Batch.screen`: 0, or -inf where a value check fails.
+    screen: optionally, `Batch.screen`, reduced to `LossTerms.failed`.
   """
+  failed = None
   if screen is not None:
-    # Before the weights, in the losses' own layout (under vmap, mixing in
-    # an unbatched operand first would transpose the sum); a weight of 0
-    # gives 0 * -inf = NaN, still non-finite.
-    losses = losses + screen
+    # One reduction over the same elements as the loss': XLA fuses the two.
+    failed = jnp.max(jnp.broadcast_to(screen, losses.shape))
   weighted = weights * losses
   if present is not None:
     weighted = jnp.where(present, weighted, 0.0)
   total = jnp.sum(weighted)
   if reduction == LossReduction.SUM:
-    return LossTerms(total, None)
+    return LossTerms(total, None, failed=failed)
   if reduction == LossReduction.SUM_OVER_BATCH_SIZE:
     if present is None:
       denominator = jnp.asarray(losses.size, total.dtype)
@@ -382,7 +389,7 @@ def loss_terms(
     denominator = jnp.sum(weights)
   else:
     denominator = jnp.sum((weights != 0).astype(total.dtype))
-  return LossTerms(total, denominator)
+  return LossTerms(total, denominator, failed=failed)
 
 
 def shard_share(value: ArrayLike, axis_name: Any = None) -> jax.Array:
@@ -452,19 +459,13 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
     else:
       check_inputs(kernel, where, logits, labels, weights)
     batch = kernel.prepare(logits, labels, weights)._replace(features=features)
-    loss = reduce_loss(kernel.loss_terms(batch), axis_name)
-
-    def require_finite_loss():
-      checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
-
-    def diagnose():
-      checks.enforce(where, kernel.value_checks(logits, labels, weights))
-      require_finite_loss()
-
+    terms = kernel.loss_terms(batch)
+    loss = reduce_loss(terms, axis_name)
     if deferred:
-      checks.unless_finite(loss, diagnose)
-    else:
-      require_finite_loss()
+      checks.enforce_screens(
+          [([where], problems_of(kernel, logits, labels, weights), terms.failed[None])]
+      )
+    checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
     return loss
 
   def metric_fn(logits, labels, features=None, *, axis_name=None):
@@ -748,8 +749,22 @@ def standard_kernel(
   )
 
 
+def problems_of(kernel: HeadKernel, logits: Any, labels: Any, row_weights: Any) -> list[str]:
+  """The problems of a kernel's `value_checks` on these inputs, in its order (`Batch.screen`)."""
+  problems = []
+
+  def record(*args):
+    problems[:] = list(kernel.value_checks(*args))
+
+  jax.eval_shape(record, logits, labels, row_weights)
+  return problems
+
+
 def screen_of(results: dict[str, checks.ValueCheck], logits: Any, loss_dim: int) -> jax.Array:
-  """`Batch.screen` from a head's value checks: 0 where every check holds, -inf elsewhere.
+  """`Batch.screen` from a head's value checks: 0 where every check holds, else `K - k`.
+
+  `k` is the first of the K checks (in order) that fails on the element, so
+  the largest screen value of a batch names its first failing problem.
 
   Each check's flags are brought to a shape that broadcasts against the
   unreduced loss `[D0..DN, loss_dim]`: flags over another last dimension
@@ -760,8 +775,8 @@ def screen_of(results: dict[str, checks.ValueCheck], logits: Any, loss_dim: int)
   and the loss would then be summed in a transposed copy).
   """
   rows = tuple(np.shape(logits)[:-1])
-  ok = None
-  for check in results.values():
+  code = None
+  for k, check in enumerate(reversed(list(results.values()))):
     flags = jnp.asarray(check.ok, bool)
     if flags.shape == rows:
       flags = flags[..., None]
@@ -769,11 +784,10 @@ def screen_of(results: dict[str, checks.ValueCheck], logits: Any, loss_dim: int)
       flags = jnp.all(flags, axis=-1, keepdims=True)
     elif flags.shape[:-1] != rows:
       flags = jnp.all(flags)
-    ok = flags if ok is None else ok & flags
-  if ok is None:
-    return None
-  # log(1) = 0 where the checks pass, log(0) = -inf where one fails.
-  return jnp.log(ok.astype(compute_dtype(jnp.asarray(logits).dtype)))
+    # Last problem first, so that an earlier failing one overwrites it.
+    value = jnp.int32(k + 1)
+    code = jnp.where(flags, jnp.int32(0), value) if code is None else jnp.where(flags, code, value)
+  return code
 
 
 def _static_key(value: Any) -> Any:

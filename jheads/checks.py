@@ -187,43 +187,54 @@ class ValueCheck(NamedTuple):
   present: Any = None
 
 
-def varying(tree: Any) -> bool:
-  """Whether any leaf varies over a manual mesh axis (inside `shard_map`).
-
-  A `lax.cond` whose branches stage value checks gives its two branches'
-  check outputs different varying axes there, so checks are not deferred.
-  """
-  for leaf in jax.tree.leaves(tree):
-    aval = jax.typeof(leaf)
-    manual = getattr(aval, "manual_axis_type", None)
-    if getattr(manual, "varying", None) or getattr(aval, "vma", None):
-      return True
-  return False
-
-
 def screening(*operands: Any) -> bool:
-  """Whether a screened head adds its value checks on `operands` to its loss (`Batch.screen`).
+  """Whether a screened head computes its value checks on `operands` as `Batch.screen`.
 
-  Whenever checks are staged and could be deferred: a superset of
-  `deferrable`, so that checks are never deferred behind a loss that does
-  not carry them.
+  Whenever checks are staged: a superset of `deferrable`, so that a
+  deferred head never lacks its screen. (Also inside `shard_map`: each
+  shard reduces its own screens, and `functionalize` shares the first
+  failing shard's error.)
   """
-  return checks_enabled() and not varying(operands)
+  del operands
+  return checks_enabled()
 
 
 def deferrable(*operands: Any) -> bool:
-  """Whether value checks on traced `operands` may be deferred behind a screened loss."""
+  """Whether value checks on traced `operands` may ride on a screened loss (`enforce_screens`)."""
   return screening(*operands) and not is_concrete(*operands)
 
 
-def unless_finite(values: Any, enforce: Callable[..., None], *operands: Any) -> None:
-  """Stages `enforce(*operands)` to run only when some of `values` are not finite.
+def enforce_screens(segments: Sequence[tuple[Sequence[str], Sequence[str], Any]]) -> None:
+  """Enforces screened heads' value checks from their reduced screens (`LossTerms.failed`).
 
-  How deferred checks run: a screened loss is finite exactly when its
-  checks pass, so the checks in full (to name the head and the problem)
-  are needed only otherwise.
+  Each segment is `(head descriptions, problems, failed)`: heads computed
+  alike, their K problems in order, and `failed`, `[n_heads]` ints, 0 where
+  a head's checks passed, else `K - k` for its first failing problem k.
+  Stages one `checkify.check` for all segments, whose payload indexes the
+  first failure's `"<head>: <problem>"` (decoded by `StepErrors`); eagerly,
+  raises it at once.
   """
-  jax.lax.cond(jnp.all(jnp.isfinite(values)), lambda *_: None, enforce, *operands)
+  messages, indices = [], []
+  for descriptions, problems, failed in segments:
+    n_problems = len(problems)
+    failed = jnp.asarray(failed, jnp.int32)
+    head = jnp.arange(len(descriptions), dtype=jnp.int32)
+    indices.append(
+        jnp.where(failed > 0, len(messages) + head * n_problems + n_problems - failed, -1)
+    )
+    messages += [f"{where}: {problem}" for where in descriptions for problem in problems]
+  if not messages:
+    return
+  index = jnp.concatenate(indices)
+  # The first failure in order: the smallest index that is not -1.
+  first = jnp.min(jnp.where(index < 0, len(messages), index))
+  ok = first == len(messages)
+  if is_concrete(ok):
+    if not bool(ok):
+      raise ValueCheckError(messages[int(first)])
+    return
+  if checks_enabled():
+    checkify.check(ok, _encode(tuple(messages)), first)
 
 
 def should_check(*operands: Any) -> bool:
@@ -317,41 +328,98 @@ def finite(values: Any, present: Any = None) -> jax.Array:
   return ok if present is None else ok | ~present
 
 
+def _packable(leaves: Sequence[Any]) -> bool:
+  return bool(leaves) and all(
+      np.ndim(x) == 0 and np.dtype(x.dtype).itemsize <= 4 and np.dtype(x.dtype).kind in "biuf"
+      for x in leaves
+  )
+
+
+def _pack(leaves: Sequence[Any]) -> jax.Array:
+  """Scalars of at most 32 bits as one int32 vector, each bit for bit (floats bitcast)."""
+
+  def as_int32(x):
+    x = jnp.asarray(x)
+    if x.dtype == bool or (x.dtype.kind in "iu" and x.dtype.itemsize < 4):
+      return x.astype(jnp.int32)
+    if x.dtype.kind == "f" and x.dtype.itemsize < 4:
+      x = x.astype(jnp.float32)
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+  return jnp.stack([as_int32(x) for x in leaves])
+
+
+def _unpack(packed: Any, dtypes: Sequence[np.dtype]) -> list[Any]:
+  """`_pack`'s leaves back from its vector (the last axis), numpy or traced."""
+  host = isinstance(packed, np.ndarray)
+  leaves = []
+  for i, dtype in enumerate(dtypes):
+    x = packed[..., i]
+    if dtype == bool:
+      leaves.append(x != 0)
+    elif dtype.kind in "iu" and dtype.itemsize < 4:
+      leaves.append(x.astype(dtype))
+    else:
+      wide = np.dtype(np.float32) if dtype.kind == "f" else dtype
+      x = x.view(wide) if host else jax.lax.bitcast_convert_type(x, wide)
+      leaves.append(x.astype(dtype))
+  return leaves
+
+
 class StepErrors:
   """The value checks of a traced computation, carried out with its outputs.
 
-  A pytree (checkify's error: a flag, a code and a payload), so it travels
+  A pytree (checkify's error: flags, codes and payloads), so it travels
   through `jit`, `pmap` and `shard_map` outputs. `get` gives the first
   failed check's message (None if all passed), `throw` and
   `raise_if_failed` raise it as a `ValueCheckError`; the step builders'
   outputs call `raise_if_failed` whenever they are read on the host, and
   `jax.device_get` of them raises too.
+
+  The error's scalars travel packed in one int32 vector: every output of a
+  jitted step costs its dispatch a buffer and an array (three scalars made
+  a 10-head step about 9% slower on a CPU than one vector did), and a leaf
+  that checkify leaves constant would be worse still (jit returns a constant
+  output from Python on every call).
   """
 
   __slots__ = ("_leaves", "_treedef")
 
   def __init__(self, error: Any):
-    self._leaves, self._treedef = jax.tree.flatten(error)
+    leaves, treedef = jax.tree.flatten(error)
+    if _packable(leaves):
+      self._leaves = [_pack(leaves)]
+      self._treedef = (treedef, tuple(np.dtype(x.dtype) for x in leaves))
+    else:
+      self._leaves, self._treedef = leaves, (treedef, None)
+
+  def _error_leaves(self) -> list[Any]:
+    treedef, dtypes = self._treedef
+    if dtypes is None:
+      return list(self._leaves)
+    packed = self._leaves[0]
+    if is_concrete(packed):
+      packed = np.asarray(packed)
+    return _unpack(packed, dtypes)
 
   @property
   def error(self) -> Any:
-    return jax.tree.unflatten(self._treedef, self._leaves)
+    return jax.tree.unflatten(self._treedef[0], self._error_leaves())
 
   def get(self) -> str | None:
-    leaves = self._leaves
-    if not leaves or not is_concrete(leaves):
+    if not self._leaves or not is_concrete(self._leaves):
       return None
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in self._leaves):
       return None  # `jax.eval_shape` of a step: shapes only, nothing to read.
-    if any(np.ndim(x) for x in leaves):
-      # Stacked over devices (pmap with mapped outputs): the first failure.
-      for i in range(np.shape(leaves[0])[0]):
-        message = StepErrors(jax.tree.map(lambda x, i=i: x[i], self.error)).get()
-        if message is not None:
-          return message
-      return None
-    message = self.error.get()
-    return None if message is None else decode_message(message)
+    treedef = self._treedef[0]
+    leaves = [np.asarray(x) for x in self._error_leaves()]
+    # Stacked over devices (pmap with mapped outputs): the first failure.
+    for i in range(np.shape(leaves[0])[0]) if np.ndim(leaves[0]) else [None]:
+      shard = leaves if i is None else [x[i] for x in leaves]
+      message = jax.tree.unflatten(treedef, shard).get()
+      if message is not None:
+        return decode_message(message)
+    return None
 
   def raise_if_failed(self) -> None:
     message = self.get()
@@ -361,11 +429,11 @@ class StepErrors:
   throw = raise_if_failed
 
 
-def _unflatten_step_errors(treedef, leaves):
+def _unflatten_step_errors(aux, leaves):
   # Rebuilt in C++ on every step's dispatch: no checkify objects here.
   errors = StepErrors.__new__(StepErrors)
-  errors._leaves, errors._treedef = list(leaves), treedef
-  if leaves and type(leaves[0]) in (np.ndarray, np.bool_):
+  errors._leaves, errors._treedef = list(leaves), aux
+  if leaves and type(leaves[0]) in (np.ndarray, np.bool_, np.int32):
     # Rebuilt from host copies: `jax.device_get` (or a tree map to numpy) of
     # the step's outputs, which is a read. jax's own dispatch rebuilds
     # outputs from device arrays, and traces from tracers; neither raises.

@@ -42,12 +42,11 @@ class _Inputs(NamedTuple):
     groups: head indices of each group of like heads, in head order.
     group_logits: `a group's indices -> their logits stacked on a leading axis`.
     deferred: the groups whose value checks ride on their losses
-      (`HeadKernel.screens`): enforced by `enforce_deferred` only when a
-      loss comes out non-finite.
+      (`HeadKernel.screens`): enforced by `enforce_screened` from the
+      reduced screens their losses carry, with no pass of their own.
     stacked: each group's stacked inputs, once built (`_group_inputs`): the
       value checks, the losses and the statistics of a call share them, so
-      a thousand labels are stacked once. (The deferred checks' `lax.cond`
-      splits and stacks its own, see `enforce_deferred`.)
+      a thousand labels are stacked once.
   """
 
   per_head: list[tuple[Any, Any, Any]]
@@ -262,16 +261,15 @@ def multi_head(
 
     return groups, group_logits
 
-  def split_inputs(logits, labels, features, *, validate: bool = True) -> _Inputs:
+  def split_inputs(logits, labels, features) -> _Inputs:
     per_head_logits, own = split_for_checks(logits)
     per_head_labels = split_labels(labels)
     per_head_weights = [h.kernel.get_weights(features) for h in heads]
     if mask_column is not None:
       outer = checks.fetch_mask(_WHERE, features, mask_column)
       per_head_weights = [_with_outer_mask(w, outer) for w in per_head_weights]
-    if validate:
-      for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
-        head.kernel.validate(lo, la, w)
+    for head, lo, la, w in zip(heads, per_head_logits, per_head_labels, per_head_weights):
+      head.kernel.validate(lo, la, w)
     per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
     inputs = _Inputs(per_head, *grouping(logits, per_head), stacked={})
     own_logits(logits, per_head, own, inputs.groups)
@@ -282,8 +280,8 @@ def multi_head(
     per_head_weights = [w for _, _, w in inputs.per_head]
     if checks.should_check(logits, labels, per_head_weights):
       if checks.deferrable(logits, labels, per_head_weights):
-        # Staged checks: a group that screens its loss is checked in full
-        # only if a loss comes out non-finite (`enforce_deferred`).
+        # Staged checks: a group that screens its loss is checked from the
+        # screen its loss carries (`enforce_screened`).
         deferred = tuple(
             g
             for g, indices in enumerate(inputs.groups)
@@ -321,26 +319,14 @@ def multi_head(
           [heads[i].config.description for i in indices], {p: results[p] for p in order}
       )
 
-  def enforce_deferred(
-      raw: tuple[Any, Any, Any], inputs: _Inputs, losses: Any, finally_: Callable[[], None]
-  ) -> None:
-    """The deferred groups' value checks, then `finally_()`, run only if `losses` are not all finite.
-
-    A failed check of a screened head makes its loss non-finite, so finite losses
-    prove that the deferred checks pass. The checks' branch takes the call's
-    own `(logits, labels, features)` and splits and stacks them itself:
-    closing over the stacked group inputs of the losses, it would make XLA
-    copy them into the layouts the branch prefers on every step, taken or not.
-    """
-    if not inputs.deferred:
-      finally_()
-      return
-
-    def diagnose(raw):
-      value_checks(split_inputs(*raw, validate=False), inputs.deferred)
-      finally_()
-
-    checks.unless_finite(losses, diagnose, raw)
+  def enforce_screened(inputs: _Inputs, evaluated: Sequence[tuple[Any, ...]]) -> None:
+    """The screened groups' value checks, from the `LossTerms.failed` of their losses."""
+    segments = []
+    for g, (indices, terms) in enumerate(evaluated):
+      if g in inputs.deferred:
+        problems = base.problems_of(heads[indices[0]].kernel, *inputs.per_head[indices[0]])
+        segments.append(([heads[i].config.description for i in indices], problems, terms.failed))
+    checks.enforce_screens(segments)
 
   def enforce_finite(what: str, indices: Any, ok: Any) -> None:
     """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
@@ -369,26 +355,18 @@ def multi_head(
 
   def grouped_losses(logits, labels, features, axis_name):
     inputs = checked_inputs(logits, labels, features)
-    return inputs, [
-        (indices, base.reduce_loss(terms, axis_name))
-        for indices, terms in evaluate(
-            inputs, features, lambda kernel, batch: kernel.loss_terms(batch)
-        )
-    ]
+    evaluated = evaluate(inputs, features, lambda kernel, batch: kernel.loss_terms(batch))
+    enforce_screened(inputs, evaluated)
+    return [(indices, base.reduce_loss(terms, axis_name)) for indices, terms in evaluated]
 
   def losses_fn(logits, labels, features=None, *, head_weights=None, axis_name=None):
     weights = _weights_vector(head_weights, default_weights, len(heads))
-    inputs, groups = grouped_losses(logits, labels, features, axis_name)
+    groups = grouped_losses(logits, labels, features, axis_name)
     order = np.concatenate([indices for indices, _ in groups])
     losses = jnp.concatenate([group_losses for _, group_losses in groups])
     weights = weights[order]
     if checks.should_check(losses, weights):
-      enforce_deferred(
-          (logits, labels, features),
-          inputs,
-          losses,
-          lambda: enforce_finite("the loss", order, jnp.isfinite(losses) | (weights == 0)),
-      )
+      enforce_finite("the loss", order, jnp.isfinite(losses) | (weights == 0))
     # A head weighted 0 adds nothing, even when its loss is infinite (0 * inf).
     weighted = jnp.where(weights == 0, 0.0, losses)
     # HIGHEST: a float32 loss must not go through a bf16 matmul pass on TPU.
@@ -414,17 +392,12 @@ def multi_head(
     # One batch counts once however many shards it is split over.
     count = base.shard_share(1.0, axis_name)
     groups = []
+    results = evaluate(inputs, features, losses_and_statistics)
+    enforce_screened(inputs, [(indices, terms) for indices, (terms, _) in results])
     evaluated = [
         (indices, base.reduce_loss(terms, axis_name), stats)
-        for indices, (terms, stats) in evaluate(inputs, features, losses_and_statistics)
+        for indices, (terms, stats) in results
     ]
-    if inputs.deferred:
-      enforce_deferred(
-          (logits, labels, features),
-          inputs,
-          jnp.concatenate([losses for _, losses, _ in evaluated]),
-          lambda: None,
-      )
     for indices, group_losses, stats in evaluated:
       if checks.should_check(group_losses, stats):
         finite = [
