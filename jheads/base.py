@@ -138,9 +138,9 @@ class Batch(NamedTuple):
     screen: int32, broadcasting to the unreduced loss' shape: 0 where the
       element's inputs pass the head's value checks, else `K - k` for the
       first of its K problems (in `value_checks`' order), k, that fails; or
-      None. `loss_terms` reduces it beside the loss (`LossTerms.failed`), so
-      the checks ride on the loss' own pass over the batch
-      (`HeadKernel.screens`).
+      None. `loss_terms` hands it on as `LossTerms.failed`; its largest value
+      names the head's first failing problem (`checks.enforce_screens`), so
+      the checks cost no pass of their own (`HeadKernel.screens`).
   """
 
   logits: jax.Array
@@ -163,9 +163,10 @@ class LossTerms(NamedTuple):
   denominators and their `component_weights`: it reduces to
   `sum_k a_k * total_k / denominator_k`.
 
-  `failed`, with a `Batch.screen`, is the largest screen value: 0 when every
-  value check passed, else `K - k` for the first problem k that failed
-  (`checks.enforce_screens` names it).
+  `failed`, with a `Batch.screen`, is that screen broadcast to the losses'
+  shape, unreduced (a multi_head reduces all its groups' screens in one
+  go): its largest value is 0 when every value check passed, else `K - k`
+  for the first problem k that failed (`checks.enforce_screens` names it).
   """
 
   total: jax.Array
@@ -195,7 +196,7 @@ class HeadKernel(NamedTuple):
       caller enforces them as `"<head>: <problem>"`.
     screens: `(value_checks, prepare, loss_terms)` when `prepare` adds those
       value checks to the batch as `Batch.screen` (with checks on) and
-      `loss_terms` reduces it to `LossTerms.failed`, else None. Then a caller
+      `loss_terms` hands it on as `LossTerms.failed`, else None. Then a caller
       may enforce the checks from `failed` (`checks.enforce_screens`), at
       next to no cost of their own; `screened(kernel)` says whether that
       still holds (a kernel with any of the three replaced is checked the
@@ -368,12 +369,12 @@ def loss_terms(
     present: bool, `losses`' shape: the elements that take part, or None for
       all. Absent elements add nothing, whatever their loss, and are not
       counted by `sum_over_batch_size`.
-    screen: optionally, `Batch.screen`, reduced to `LossTerms.failed`.
+    screen: optionally, `Batch.screen`, handed on as `LossTerms.failed`.
   """
   failed = None
   if screen is not None:
-    # One reduction over the same elements as the loss': XLA fuses the two.
-    failed = jnp.max(jnp.broadcast_to(screen, losses.shape))
+    # Unreduced: a multi_head reduces all its groups' screens at once.
+    failed = jnp.broadcast_to(screen, losses.shape)
   weighted = weights * losses
   if present is not None:
     weighted = jnp.where(present, weighted, 0.0)
@@ -463,7 +464,7 @@ def make_head(config: HeadConfig, kernel: HeadKernel) -> Head:
     loss = reduce_loss(terms, axis_name)
     if deferred:
       checks.enforce_screens(
-          [([where], problems_of(kernel, logits, labels, weights), terms.failed[None])]
+          [([where], problems_of(kernel, logits, labels, weights), jnp.max(terms.failed)[None])]
       )
     checks.require_finite(where, "the loss", loss, hint=checks.OVERFLOW_HINT)
     return loss

@@ -321,12 +321,21 @@ def multi_head(
 
   def enforce_screened(inputs: _Inputs, evaluated: Sequence[tuple[Any, ...]]) -> None:
     """The screened groups' value checks, from the `LossTerms.failed` of their losses."""
-    segments = []
+    segments, screens = [], []
     for g, (indices, terms) in enumerate(evaluated):
       if g in inputs.deferred:
         problems = base.problems_of(heads[indices[0]].kernel, *inputs.per_head[indices[0]])
-        segments.append(([heads[i].config.description for i in indices], problems, terms.failed))
-    checks.enforce_screens(segments)
+        segments.append(([heads[i].config.description for i in indices], problems))
+        screens.append(jnp.reshape(terms.failed, (len(indices), -1)))
+    # Screens of one size are reduced together: one reduction for all groups, not one each.
+    failed = [None] * len(screens)
+    for size in dict.fromkeys(x.shape[1] for x in screens):
+      same = [i for i, x in enumerate(screens) if x.shape[1] == size]
+      reduced = jnp.max(jnp.concatenate([screens[i] for i in same]), axis=1)
+      bounds = np.cumsum([0] + [screens[i].shape[0] for i in same])
+      for i, start, stop in zip(same, bounds[:-1], bounds[1:]):
+        failed[i] = reduced[start:stop]
+    checks.enforce_screens([(*segment, f) for segment, f in zip(segments, failed)])
 
   def enforce_finite(what: str, indices: Any, ok: Any) -> None:
     """`<head>: <what> must be finite` for the heads at `indices`, from per-head flags."""
