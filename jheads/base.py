@@ -682,7 +682,7 @@ def standard_kernel(
 
   def prepare(logits, labels, row_weights):
     screen = None
-    if checks.screening(logits, labels, row_weights):
+    if checks.checks_enabled():
       screen = screen_of(value_checks(logits, labels, row_weights), logits, loss_dim)
     logits = jnp.asarray(logits)
     logits = logits.astype(compute_dtype(logits.dtype))

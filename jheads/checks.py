@@ -187,21 +187,15 @@ class ValueCheck(NamedTuple):
   present: Any = None
 
 
-def screening(*operands: Any) -> bool:
-  """Whether a screened head computes its value checks on `operands` as `Batch.screen`.
-
-  Whenever checks are staged: a superset of `deferrable`, so that a
-  deferred head never lacks its screen. (Also inside `shard_map`: each
-  shard reduces its own screens, and `functionalize` shares the first
-  failing shard's error.)
-  """
-  del operands
-  return checks_enabled()
-
-
 def deferrable(*operands: Any) -> bool:
-  """Whether value checks on traced `operands` may ride on a screened loss (`enforce_screens`)."""
-  return screening(*operands) and not is_concrete(*operands)
+  """Whether value checks on traced `operands` may ride on a screened loss (`enforce_screens`).
+
+  A screened head computes its screen whenever checks are on (a superset,
+  so that a deferred head never lacks it), also inside `shard_map`: each
+  shard reduces its own screens, and `functionalize` shares the first
+  failing shard's error.
+  """
+  return checks_enabled() and not is_concrete(*operands)
 
 
 def enforce_screens(segments: Sequence[tuple[Sequence[str], Sequence[str], Any]]) -> None:
@@ -211,8 +205,9 @@ def enforce_screens(segments: Sequence[tuple[Sequence[str], Sequence[str], Any]]
   alike, their K problems in order, and `failed`, `[n_heads]` ints, 0 where
   a head's checks passed, else `K - k` for its first failing problem k.
   Stages one `checkify.check` for all segments, whose payload indexes the
-  first failure's `"<head>: <problem>"` (decoded by `StepErrors`); eagerly,
-  raises it at once.
+  first failure's `"<head>: <problem>"` (decoded by `StepErrors`). Only for
+  staged checks (`deferrable`); eager ones are enforced where they are
+  computed, with the offending values.
   """
   messages, indices = [], []
   for descriptions, problems, failed in segments:
@@ -228,13 +223,7 @@ def enforce_screens(segments: Sequence[tuple[Sequence[str], Sequence[str], Any]]
   index = jnp.concatenate(indices)
   # The first failure in order: the smallest index that is not -1.
   first = jnp.min(jnp.where(index < 0, len(messages), index))
-  ok = first == len(messages)
-  if is_concrete(ok):
-    if not bool(ok):
-      raise ValueCheckError(messages[int(first)])
-    return
-  if checks_enabled():
-    checkify.check(ok, _encode(tuple(messages)), first)
+  checkify.check(first == len(messages), _encode(tuple(messages)), first)
 
 
 def should_check(*operands: Any) -> bool:

@@ -261,7 +261,7 @@ def multi_head(
 
     return groups, group_logits
 
-  def split_inputs(logits, labels, features) -> _Inputs:
+  def checked_inputs(logits, labels, features) -> _Inputs:
     per_head_logits, own = split_for_checks(logits)
     per_head_labels = split_labels(labels)
     per_head_weights = [h.kernel.get_weights(features) for h in heads]
@@ -273,11 +273,6 @@ def multi_head(
     per_head = list(zip(per_head_logits, per_head_labels, per_head_weights))
     inputs = _Inputs(per_head, *grouping(logits, per_head), stacked={})
     own_logits(logits, per_head, own, inputs.groups)
-    return inputs
-
-  def checked_inputs(logits, labels, features) -> _Inputs:
-    inputs = split_inputs(logits, labels, features)
-    per_head_weights = [w for _, _, w in inputs.per_head]
     if checks.should_check(logits, labels, per_head_weights):
       if checks.deferrable(logits, labels, per_head_weights):
         # Staged checks: a group that screens its loss is checked from the
@@ -290,7 +285,7 @@ def multi_head(
         inputs = inputs._replace(deferred=deferred)
       value_checks(inputs, [g for g in range(len(inputs.groups)) if g not in inputs.deferred])
     else:
-      for head, (lo, la, w) in zip(heads, inputs.per_head):
+      for head, (lo, la, w) in zip(heads, per_head):
         base.check_inputs(head.kernel, head.config.description, lo, la, w)
     return inputs
 
